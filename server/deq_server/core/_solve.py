@@ -1,0 +1,189 @@
+"""The one solver loop: batched fixed-point solving where each sample retires on its own.
+
+Every iteration evaluates f only on the rows still active, measures each row's residual, retires
+rows that met their tolerance (or their cap, diverged, went non-finite, or were stopped by the
+caller's hook), compacts the active set, then lets the method propose the next iterate.
+The only host synchronisation per iteration is reading how many rows retired.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._methods import make_method
+from ._status import RUNNING, Status
+
+StopMode = str  # "abs" | "rel"
+STOP_MODES = ("abs", "rel")
+
+
+@dataclass
+class SolveResult:
+    """Per-sample outcome of `solve`.
+
+    z: (B, ...) the lowest-residual iterate of each sample (never NaN when the start was finite).
+    iterations: (B,) int64 f-evaluations spent on each sample.
+    residual: (B,) residual of `z` in the stop mode used (inf when no finite residual was seen).
+    status: (B,) int64 `Status` values.
+    steps: batched f calls made (the batch-level cost).
+    backward: the implicit backward solve's result, filled in when a backward pass runs.
+    """
+
+    z: Tensor
+    iterations: Tensor
+    residual: Tensor
+    status: Tensor
+    steps: int
+    backward: SolveResult | None = None
+
+    @property
+    def converged(self) -> Tensor:
+        return self.status == Status.CONVERGED
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the per-iteration hook sees: the solver step, the active rows' original indices
+    (a device tensor) and their current residuals."""
+
+    step: int
+    active: Tensor
+    residual: Tensor
+
+
+# Returns None to let every row continue, or an int64 tensor (A,) of Status values (0 = continue).
+StopHook = Callable[[Progress], Tensor | None]
+
+
+def _per_sample(
+    name: str, value: float | int | Tensor, batch: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """Normalise a scalar or (B,) tolerance/cap to a (B,) tensor on the solve's device."""
+    if isinstance(value, Tensor):
+        if value.shape != (batch,):
+            raise ValueError(f"{name} must be a scalar or shape ({batch},), got {tuple(value.shape)}")
+        return value.to(device=device, dtype=dtype)
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def _check_args(args: Sequence[Any], batch: int) -> None:
+    for i, a in enumerate(args):
+        if isinstance(a, Tensor) and (a.dim() == 0 or a.shape[0] != batch):
+            raise ValueError(
+                f"args[{i}] must be batch-first with {batch} rows, got shape {tuple(a.shape)}; "
+                "f must not close over batch-sized tensors, and non-batch tensors belong in f"
+            )
+
+
+def _select_args(args: tuple[Any, ...], keep: Tensor) -> tuple[Any, ...]:
+    return tuple(a.index_select(0, keep) if isinstance(a, Tensor) else a for a in args)
+
+
+def residual_norms(fz: Tensor, z: Tensor, stop_mode: StopMode) -> tuple[Tensor, Tensor]:
+    """(abs, in-mode) residuals per row of flattened tensors: abs = ||f(z) - z||, rel = abs / ||f(z)||."""
+    abs_res = (fz - z).norm(dim=1)
+    if stop_mode == "abs":
+        return abs_res, abs_res
+    tiny = torch.finfo(fz.dtype).tiny
+    return abs_res, abs_res / fz.norm(dim=1).clamp_min(tiny)
+
+
+def solve(
+    f: Callable[..., Tensor],
+    z0: Tensor,
+    *,
+    args: Sequence[Any] = (),
+    tol: float | Tensor,
+    max_iter: int | Tensor,
+    method: str = "anderson",
+    stop_mode: StopMode = "rel",
+    should_stop: StopHook | None = None,
+    divergence: float = 1e5,
+    **options: Any,
+) -> SolveResult:
+    """Find z = f(z, *args) for every sample of a batch, each to its own tolerance.
+
+    `tol`, `max_iter`: scalars or (B,) tensors. A row diverges when its absolute residual exceeds
+    `divergence` times its first one. `options` go to the method (e.g. m, beta for anderson).
+    Runs under no_grad; differentiate through `DEQModel`, which attaches implicit gradients.
+    """
+    if stop_mode not in STOP_MODES:
+        raise ValueError(f"unknown stop_mode {stop_mode!r}; expected one of {list(STOP_MODES)}")
+    step_fn = make_method(method, **options)
+    batch, shape = z0.shape[0], z0.shape[1:]
+    device, dtype = z0.device, z0.dtype
+    args = tuple(args)
+    _check_args(args, batch)
+    tol_t = _per_sample("tol", tol, batch, dtype, device)
+    cap_t = _per_sample("max_iter", max_iter, batch, torch.int64, device)
+    if not bool(((tol_t > 0) & torch.isfinite(tol_t)).all()):
+        raise ValueError("tol must be finite and > 0 for every sample")
+    if not bool((cap_t >= 1).all()):
+        raise ValueError("max_iter must be >= 1 for every sample")
+
+    out_z = torch.empty_like(z0).reshape(batch, -1)
+    out_iters = torch.zeros(batch, dtype=torch.int64, device=device)
+    out_res = torch.full((batch,), float("inf"), dtype=dtype, device=device)
+    out_status = torch.zeros(batch, dtype=torch.int64, device=device)
+
+    with torch.no_grad():
+        idx = torch.arange(batch, device=device)
+        z = z0.detach().reshape(batch, -1)
+        best_z, best_res = z, torch.full_like(out_res, float("inf"))
+        iters = torch.zeros_like(out_iters)
+        abs0: Tensor | None = None
+        state = step_fn.init(z)
+        steps = 0
+        while idx.numel() > 0:
+            fz = f(z.view(-1, *shape), *args).reshape(z.shape[0], -1)
+            steps += 1
+            iters = iters + 1
+            g = fz - z
+            abs_res, res = residual_norms(fz, z, stop_mode)
+            abs0 = abs_res if abs0 is None else abs0
+            finite = torch.isfinite(res)
+            better = finite & (res < best_res)
+            best_res = torch.where(better, res, best_res)
+            best_z = torch.where(better[:, None], z, best_z)
+
+            status = torch.where(iters >= cap_t, int(Status.MAX_ITER), RUNNING)
+            status = torch.where(abs_res > divergence * abs0, int(Status.DIVERGED), status)
+            status = torch.where(finite, status, int(Status.NONFINITE))
+            status = torch.where(finite & (res <= tol_t), int(Status.CONVERGED), status)
+            if should_stop is not None:
+                stop = should_stop(Progress(steps, idx, res))
+                if stop is not None:
+                    stop = stop.to(device=device, dtype=torch.int64)
+                    status = torch.where((status == RUNNING) & (stop != RUNNING), stop, status)
+
+            running = status == RUNNING
+            n_keep = int(running.sum())  # the one host sync per iteration
+            if n_keep < idx.numel():
+                order = torch.argsort((~running).to(torch.int8), stable=True)
+                keep, done = order[:n_keep], order[n_keep:]
+                rows = idx[done]
+                out_z[rows] = best_z[done]
+                out_res[rows] = best_res[done]
+                out_iters[rows] = iters[done]
+                out_status[rows] = status[done]
+                if n_keep == 0:
+                    break
+                idx, z, g = idx[keep], z[keep], g[keep]
+                best_z, best_res, iters, abs0 = best_z[keep], best_res[keep], iters[keep], abs0[keep]
+                tol_t, cap_t = tol_t[keep], cap_t[keep]
+                args = _select_args(args, keep)
+                state = step_fn.select(state, keep)
+            z = step_fn.step(state, z, g)
+
+    return SolveResult(
+        z=out_z.view_as(z0),
+        iterations=out_iters,
+        residual=out_res,
+        status=out_status,
+        steps=steps,
+    )
