@@ -3,8 +3,31 @@
 Imports nothing from gRPC or Prometheus; the serving layer builds on these names.
 """
 
+from ._cells import CELLS
+from ._checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ._convert import mlp_to_deq
+from ._implicit import IFT, JFB, Backward, Phantom, make_backward
 from ._methods import METHODS
+from ._model import DEQModel
 from ._solve import Progress, SolveResult, StopHook, solve
 from ._status import Status
 
-__all__ = ["METHODS", "Progress", "SolveResult", "Status", "StopHook", "solve"]
+__all__ = [
+    "CELLS",
+    "IFT",
+    "JFB",
+    "METHODS",
+    "Backward",
+    "CheckpointError",
+    "DEQModel",
+    "Phantom",
+    "Progress",
+    "SolveResult",
+    "Status",
+    "StopHook",
+    "load_checkpoint",
+    "make_backward",
+    "mlp_to_deq",
+    "save_checkpoint",
+    "solve",
+]

@@ -174,37 +174,52 @@ class Broyden:
 
     B = -I + sum_i u_i v_i^T holds at most m rank-one terms (memory O(m n), not O(max_iter n));
     when full, the oldest term is overwritten. Updates with a vanishing denominator are skipped.
+    Safeguard (no line search): a row whose residual grew by more than `growth` since the last
+    step drops its memory and takes a plain step back from the previous iterate.
     """
 
     m: int = 8
+    growth: float = 2.0
 
     def __post_init__(self) -> None:
         if self.m < 1:
             raise ValueError(f"broyden history m must be >= 1, got {self.m}")
+        if self.growth <= 1.0:
+            raise ValueError(f"broyden growth must be > 1, got {self.growth}")
 
     def init(self, z: Tensor) -> _History:
         return _History.empty(z, self.m)
 
     @staticmethod
-    def _apply(u: Tensor, v: Tensor, x: Tensor) -> Tensor:
-        """(-I + U^T V) x per row, with U, V stored as (A, m, n)."""
-        return -x + ((v @ x.unsqueeze(2)).transpose(1, 2) @ u).squeeze(1)
+    def _apply(u: Tensor, v: Tensor, valid: Tensor, x: Tensor) -> Tensor:
+        """(-I + U^T V) x per row over the valid slots, with U, V stored as (A, m, n)."""
+        coef = (v @ x.unsqueeze(2)).squeeze(2) * valid
+        return -x + (coef.unsqueeze(1) @ u).squeeze(1)
 
     def step(self, state: _History, z: Tensor, g: Tensor) -> Tensor:
-        u_hist, v_hist = state.a, state.b
+        g_norm = g.norm(dim=1)
+        worse = state.has_prev & (g_norm > self.growth * state.g_prev.norm(dim=1))
+        state.count = torch.where(worse, 0, state.count)
+
         s = z - state.z_prev
         y = g - state.g_prev
-        b_y = self._apply(u_hist, v_hist, y)
-        bt_s = self._apply(v_hist, u_hist, s)  # B^T s swaps the roles of u and v
+        valid = state.valid().to(z.dtype)
+        b_y = self._apply(state.a, state.b, valid, y)
+        bt_s = self._apply(state.b, state.a, valid, s)  # B^T s swaps the roles of u and v
         den = (s * b_y).sum(dim=1)
         size = s.norm(dim=1) * b_y.norm(dim=1)
         eps = torch.finfo(z.dtype).eps
-        ok = state.has_prev & torch.isfinite(den) & (den.abs() > eps * size) & (size > 0)
+        ok = state.has_prev & ~worse & torch.isfinite(den) & (den.abs() > eps * size)
         safe_den = torch.where(ok, den, 1.0)
+        retreat_z, retreat_g = state.z_prev, state.g_prev
         state.push((s - b_y) / safe_den[:, None], bt_s, ok)
-        state.remember(z, g)
+        state.remember(
+            torch.where(worse[:, None], retreat_z, z), torch.where(worse[:, None], retreat_g, g)
+        )
 
-        z_next = z - self._apply(state.a, state.b, g)
+        valid = state.valid().to(z.dtype)
+        z_next = z - self._apply(state.a, state.b, valid, g)
+        z_next = torch.where(worse[:, None], retreat_z + retreat_g, z_next)
         return _plain_where_bad(z_next, z, g, 1.0)
 
     def select(self, state: _History, keep: Tensor) -> _History:

@@ -66,7 +66,9 @@ def _per_sample(
     """Normalise a scalar or (B,) tolerance/cap to a (B,) tensor on the solve's device."""
     if isinstance(value, Tensor):
         if value.shape != (batch,):
-            raise ValueError(f"{name} must be a scalar or shape ({batch},), got {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a scalar or shape ({batch},), got {tuple(value.shape)}"
+            )
         return value.to(device=device, dtype=dtype)
     return torch.full((batch,), value, dtype=dtype, device=device)
 
@@ -174,7 +176,12 @@ def solve(
                 if n_keep == 0:
                     break
                 idx, z, g = idx[keep], z[keep], g[keep]
-                best_z, best_res, iters, abs0 = best_z[keep], best_res[keep], iters[keep], abs0[keep]
+                best_z, best_res, iters, abs0 = (
+                    best_z[keep],
+                    best_res[keep],
+                    iters[keep],
+                    abs0[keep],
+                )
                 tol_t, cap_t = tol_t[keep], cap_t[keep]
                 args = _select_args(args, keep)
                 state = step_fn.select(state, keep)

@@ -1,0 +1,224 @@
+"""DEQ cells: each holds an injection, the fixed-point map and an output head.
+
+A cell exposes `inject(x) -> inj`, `cell(z, inj) -> z_next`, `head(z) -> y` and `state_shape`.
+Every operation is per-sample (no batch statistics), so the solver may evaluate any subset of rows.
+Configs are plain JSON dicts; `resolve_config` fills defaults and rejects unknown or mistyped keys.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
+
+from ._activations import activation
+
+NORMS = ("none", "weight", "spectral")
+
+
+def resolve_config(
+    config: dict[str, Any], required: dict[str, type], defaults: dict[str, Any]
+) -> dict[str, Any]:
+    """Merge defaults into a cell config; name any missing, unknown or mistyped key."""
+    known = {"cell", "solver", "backward", *required, *defaults}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown} for cell {config.get('cell')!r}")
+    missing = sorted(set(required) - set(config))
+    if missing:
+        raise ValueError(f"missing config keys {missing} for cell {config.get('cell')!r}")
+    out = {**defaults, **config}
+    for key, typ in required.items():
+        value = out[key]
+        if typ is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"config key {key!r} must be a positive int, got {value!r}")
+    return out
+
+
+class SpectralCap(nn.Module):
+    """Parametrization W -> W * min(1, max_norm / ||W||_2): keeps the linear map contractive."""
+
+    def __init__(self, max_norm: float) -> None:
+        super().__init__()
+        if max_norm <= 0.0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+        self.max_norm = max_norm
+
+    def forward(self, weight: Tensor) -> Tensor:
+        sigma = torch.linalg.matrix_norm(weight.flatten(1), ord=2)
+        return weight * (self.max_norm / sigma).clamp(max=1.0)
+
+
+def _normalise(layer: nn.Module, norm: str, max_norm: float) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; expected one of {list(NORMS)}")
+    if norm == "weight":
+        weight_norm(layer, "weight")
+    elif norm == "spectral":
+        parametrize.register_parametrization(layer, "weight", SpectralCap(max_norm))
+
+
+class MLPCell(nn.Module):
+    """The seed cell z = act(W z + U x' + b), x' = (x - input_shift) * input_scale; y = W_out z + b_out."""
+
+    REQUIRED: ClassVar[dict[str, type]] = {"in_features": int, "hidden": int, "out_features": int}
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        "activation": "tanh",
+        "norm": "none",
+        "max_norm": 0.9,
+        "init_scale": 0.5,
+        "input_scale": 1.0,
+        "input_shift": 0.0,
+    }
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        c = config
+        self.act = activation(c["activation"])
+        self.input_scale, self.input_shift = float(c["input_scale"]), float(c["input_shift"])
+        self.injection = nn.Linear(c["in_features"], c["hidden"])
+        self.W = nn.Linear(c["hidden"], c["hidden"], bias=False)
+        self.out = nn.Linear(c["hidden"], c["out_features"])
+        # A gaussian n x n matrix with std s/sqrt(n) has spectral norm about 2s.
+        nn.init.normal_(self.W.weight, std=c["init_scale"] / (2 * math.sqrt(c["hidden"])))
+        _normalise(self.W, c["norm"], c["max_norm"])
+        self.state_shape: tuple[int, ...] = (c["hidden"],)
+
+    def inject(self, x: Tensor) -> Tensor:
+        return self.injection((x.flatten(1) - self.input_shift) * self.input_scale)
+
+    def cell(self, z: Tensor, inj: Tensor) -> Tensor:
+        return self.act(self.W(z) + inj)
+
+    def head(self, z: Tensor) -> Tensor:
+        return self.out(z)
+
+
+class ConvCell(nn.Module):
+    """MDEQ-style residual convolutional cell for (C, H, W) inputs, GroupNorm throughout:
+    z_next = act(GN3(z + GN2(conv2(act(GN1(conv1 z))) + inj))), inj = conv_in(x');
+    the head pools the state and applies a linear layer."""
+
+    REQUIRED: ClassVar[dict[str, type]] = {
+        "in_channels": int,
+        "height": int,
+        "width": int,
+        "channels": int,
+        "out_features": int,
+    }
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        "groups": 4,
+        "kernel_size": 3,
+        "activation": "relu",
+        "norm": "none",
+        "max_norm": 0.9,
+        "input_scale": 1.0,
+        "input_shift": 0.0,
+    }
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        c = config
+        ch, k = c["channels"], c["kernel_size"]
+        if ch % c["groups"]:
+            raise ValueError(f"channels ({ch}) must be divisible by groups ({c['groups']})")
+        if k % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {k}")
+        self.act = activation(c["activation"])
+        self.input_scale, self.input_shift = float(c["input_scale"]), float(c["input_shift"])
+        self.in_shape = (c["in_channels"], c["height"], c["width"])
+        self.injection = nn.Conv2d(c["in_channels"], ch, k, padding=k // 2)
+        self.conv1 = nn.Conv2d(ch, ch, k, padding=k // 2, bias=False)
+        self.conv2 = nn.Conv2d(ch, ch, k, padding=k // 2, bias=False)
+        self.gn1 = nn.GroupNorm(c["groups"], ch)
+        self.gn2 = nn.GroupNorm(c["groups"], ch)
+        self.gn3 = nn.GroupNorm(c["groups"], ch)
+        self.out = nn.Linear(ch, c["out_features"])
+        for conv in (self.conv1, self.conv2):
+            _normalise(conv, c["norm"], c["max_norm"])
+        self.state_shape: tuple[int, ...] = (ch, c["height"], c["width"])
+
+    def inject(self, x: Tensor) -> Tensor:
+        x = x.reshape(x.shape[0], *self.in_shape)
+        return self.injection((x - self.input_shift) * self.input_scale)
+
+    def cell(self, z: Tensor, inj: Tensor) -> Tensor:
+        y = self.act(self.gn1(self.conv1(z)))
+        y = self.gn2(self.conv2(y) + inj)
+        return self.act(self.gn3(z + y))
+
+    def head(self, z: Tensor) -> Tensor:
+        return self.out(z.mean(dim=(2, 3)))
+
+
+class TiedMLPCell(nn.Module):
+    """The weight-tied DEQ form of an explicit MLP with sizes d_0..d_L (Bai et al. 2019, Thm 3).
+
+    State z = [z_1; ...; z_L]; f(z, x) = act_blocks(W_z z + U x + b) with W_z block sub-diagonal
+    (block (l, l-1) = W_l), U = [W_1; 0; ...; 0] and b the stacked biases. W_z is nilpotent, so
+    picard iteration from any start reaches the fixed point, z_L = MLP(x), in exactly L steps.
+    Stored blockwise (L small matmuls instead of one mostly-zero one); the head returns z_L.
+    """
+
+    REQUIRED: ClassVar[dict[str, type]] = {"layers": list, "activations": list}
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        sizes, acts = config["layers"], config["activations"]
+        if len(sizes) < 2 or not all(isinstance(d, int) and d >= 1 for d in sizes):
+            raise ValueError(f"layers must list >= 2 positive ints, got {sizes!r}")
+        if len(acts) != len(sizes) - 1:
+            raise ValueError(f"activations must have {len(sizes) - 1} entries, got {len(acts)}")
+        self.acts = [activation(a) for a in acts]
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+        self.sizes = list(sizes[1:])
+        self.state_shape: tuple[int, ...] = (sum(self.sizes),)
+
+    def inject(self, x: Tensor) -> Tensor:
+        first = self.linears[0](x.flatten(1))
+        rest = [lin.bias.expand(x.shape[0], -1) for lin in self.linears[1:]]
+        return torch.cat([first, *rest], dim=1)
+
+    def cell(self, z: Tensor, inj: Tensor) -> Tensor:
+        blocks = z.split(self.sizes, dim=1)
+        injs = inj.split(self.sizes, dim=1)
+        out = [self.acts[0](injs[0])]
+        for lin, act, prev, b in zip(
+            self.linears[1:], self.acts[1:], blocks[:-1], injs[1:], strict=True
+        ):
+            out.append(act(F.linear(prev, lin.weight) + b))
+        return torch.cat(out, dim=1)
+
+    def head(self, z: Tensor) -> Tensor:
+        return z[:, -self.sizes[-1] :]
+
+    @property
+    def W_z(self) -> Tensor:
+        """The dense block sub-diagonal state matrix (for inspection; the cell never builds it)."""
+        n = self.state_shape[0]
+        ref = self.linears[0].weight
+        w = ref.new_zeros(n, n)
+        offsets = [0, *torch.tensor(self.sizes).cumsum(0).tolist()]
+        for k, lin in enumerate(self.linears[1:], start=1):
+            w[offsets[k] : offsets[k + 1], offsets[k - 1] : offsets[k]] = lin.weight
+        return w
+
+    @property
+    def U(self) -> Tensor:
+        """The dense input matrix [W_1; 0; ...; 0]."""
+        w1 = self.linears[0].weight
+        return torch.cat([w1, w1.new_zeros(self.state_shape[0] - w1.shape[0], w1.shape[1])])
+
+
+CELLS: dict[str, type[MLPCell] | type[ConvCell] | type[TiedMLPCell]] = {
+    "mlp": MLPCell,
+    "conv": ConvCell,
+    "tied_mlp": TiedMLPCell,
+}
