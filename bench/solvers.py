@@ -41,6 +41,7 @@ FAMILIES = ("symmetric", "orthogonal")
 SEED = 0
 THREADS = 2
 DTYPE = torch.float32
+SOLO_TARGET = 1.1  # batched per-sample evals / solo evals should stay below this
 
 Cell = Callable[[Tensor, Tensor], Tensor]
 
@@ -302,7 +303,9 @@ def bench_row(
     }
     if spec.impl == "ours" and args.solo_samples > 0:
         idx = solo_indices(args.solo_samples)
+        t0 = time.perf_counter()
         solo = solo_evals(spec, prob, idx)
+        solo_wall = time.perf_counter() - t0
         batched = out.sample_evals[idx]
         row["solo"] = {
             "indices": idx.tolist(),
@@ -311,6 +314,7 @@ def bench_row(
             "solo_mean": float(solo.double().mean()),
             "batched_mean": float(batched.double().mean()),
             "ratio": float(batched.double().mean() / solo.double().mean()),
+            "wall_s": solo_wall,
         }
     return row
 
@@ -324,6 +328,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -367,29 +372,27 @@ def sanity_notes(rows: list[dict[str, Any]]) -> list[str]:
                 f"{where}: {r['converged']} CONVERGED by status but {r['converged_recomputed']} "
                 "with recomputed residual <= tol"
             )
+        solo = r.get("solo")
+        if solo is not None and solo["ratio"] > SOLO_TARGET:
+            notes.append(f"{where}: batched/solo ratio {solo['ratio']:.3f} > {SOLO_TARGET}")
     return notes
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark, print the table and notes, write the JSON."""
-    args = parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 1 if args.quick else 3
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(SEED)
-    notes: list[str] = []
-    solvers = None
-    if args.no_torchdeq:
-        notes.append("torchdeq skipped (--no-torchdeq).")
-    else:
-        try:
-            solvers = torchdeq_solvers()
-            notes.append(TORCHDEQ_NOTE)
-        except ImportError as exc:
-            notes.append(f"torchdeq skipped: not importable ({exc}); pip install -e '.[bench]'.")
-    specs = OUR_SPECS + (TORCHDEQ_SPECS if solvers is not None else ())
-    rhos = (0.95,) if args.quick else RHOS
+def load_torchdeq(skip: bool) -> tuple[dict[str, Callable[..., Any]] | None, str]:
+    """torchdeq's solvers (or None) and the note to print about them."""
+    if skip:
+        return None, "torchdeq skipped (--no-torchdeq)."
+    try:
+        return torchdeq_solvers(), TORCHDEQ_NOTE
+    except ImportError as exc:
+        return None, f"torchdeq skipped: not importable ({exc}); pip install -e '.[bench]'."
 
+
+def run_all(
+    args: argparse.Namespace, rhos: tuple[float, ...], solvers: dict[str, Callable[..., Any]] | None
+) -> list[dict[str, Any]]:
+    """Every family x rho x method row, with progress on stderr."""
+    specs = OUR_SPECS + (TORCHDEQ_SPECS if solvers is not None else ())
     rows = []
     start = time.perf_counter()
     for family in FAMILIES:
@@ -397,14 +400,14 @@ def main(argv: list[str] | None = None) -> int:
             prob = make_problem(family, rho)
             for spec in specs:
                 rows.append(bench_row(spec, prob, args, solvers))
-                print(f"  done {family} rho={rho} {spec.impl} {spec.label}", file=sys.stderr)
-    notes += sanity_notes(rows)
+                elapsed = time.perf_counter() - start
+                print(f"[{elapsed:6.1f}s] {family} {rho} {spec.impl} {spec.label}", file=sys.stderr)
+    return rows
 
-    print(markdown_table(rows))
-    print()
-    for note in notes:
-        print(f"Note: {note}")
-    config = {
+
+def run_config(args: argparse.Namespace, rhos: tuple[float, ...], wall_s: float) -> dict[str, Any]:
+    """The settings the numbers were taken with."""
+    return {
         "d": D,
         "batch": BATCH,
         "tol": TOL,
@@ -415,15 +418,41 @@ def main(argv: list[str] | None = None) -> int:
         "rhos": list(rhos),
         "families": list(FAMILIES),
         "scales": "logspace(-1.5, 0.5, B)",
+        "z0": "zeros",
         "repeats": args.repeats,
         "slow_s": args.slow_s,
         "solo_samples": args.solo_samples,
-        "total_wall_s": time.perf_counter() - start,
+        "total_wall_s": wall_s,
+        "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the table and notes, write the JSON."""
+    args = parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(SEED)
+    machine = machine_info()
+    solvers, torchdeq_note = load_torchdeq(args.no_torchdeq)
+    rhos = (0.95,) if args.quick else RHOS
+
+    start = time.perf_counter()
+    rows = run_all(args, rhos, solvers)
+    config = run_config(args, rhos, time.perf_counter() - start)
+    notes = [torchdeq_note, *sanity_notes(rows)]
+
+    print(markdown_table(rows))
+    print()
+    for note in notes:
+        print(f"Note: {note}\n")
+    print(f"machine: {json.dumps(machine)}")
+    print(f"total wall: {config['total_wall_s']:.1f}s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine_info(), "config": config, "notes": notes, "rows": rows}
+    payload = {"machine": machine, "config": config, "notes": notes, "rows": rows}
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -128,7 +128,7 @@ def solve(
     if not bool((cap_t >= 1).all()):
         raise ValueError("max_iter must be >= 1 for every sample")
 
-    out_z = torch.empty_like(z0).reshape(batch, -1)
+    out_z = torch.empty_like(z0).reshape(batch, shape.numel())
     out_iters = torch.zeros(batch, dtype=torch.int64, device=device)
     out_res = torch.full((batch,), float("inf"), dtype=dtype, device=device)
     out_status = torch.zeros(batch, dtype=torch.int64, device=device)

@@ -1,0 +1,33 @@
+"""Small float64 DEQ configs shared by the tests, one per cell type."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# Smooth activations where gradients are checked: relu's kinks make finite differences ill-posed.
+SMALL_CONFIGS: dict[str, dict[str, Any]] = {
+    "mlp": {"cell": "mlp", "in_features": 5, "hidden": 8, "out_features": 3},
+    "conv": {
+        "cell": "conv",
+        "in_channels": 2,
+        "height": 4,
+        "width": 4,
+        "channels": 4,
+        "groups": 2,
+        "out_features": 3,
+        "activation": "softplus",
+    },
+    "tied_mlp": {
+        "cell": "tied_mlp",
+        "layers": [5, 6, 7, 3],
+        "activations": ["tanh", "sigmoid", "identity"],
+    },
+}
+
+
+def small_input(kind: str, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """A float64 input batch matching SMALL_CONFIGS[kind]."""
+    shape = (batch, 2, 4, 4) if kind == "conv" else (batch, 5)
+    return torch.randn(*shape, dtype=torch.float64, generator=generator)
