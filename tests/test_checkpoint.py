@@ -190,6 +190,8 @@ class _TouchOnUnpickle:
         return (pathlib.Path.touch, (self.marker,))
 
 
+# torch warns that pickle.dump's default protocol (4) is not its own; the refusal is what counts.
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
 def test_pickle_payload_in_pt_is_refused_without_running(tmp_path: Path, writer: str) -> None:
     marker = tmp_path / "pwned"
@@ -231,8 +233,8 @@ def test_plain_state_dict_pt_needs_config(tmp_path: Path) -> None:
 
 
 def test_pt_with_config_and_state_dict_loads(tmp_path: Path) -> None:
-    model = make_model(CONV, torch.float64)
-    x = make_input(CONV, torch.float64)
+    model = make_model({**MLP, "norm": "weight"}, torch.float64)
+    x = make_input(MLP, torch.float64)
     path = tmp_path / "bundle.pt"
     torch.save({"config": model.config, "state_dict": model.state_dict()}, path)
 

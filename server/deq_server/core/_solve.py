@@ -118,6 +118,7 @@ def solve(
         raise ValueError(f"unknown stop_mode {stop_mode!r}; expected one of {list(STOP_MODES)}")
     step_fn = make_method(method, **options)
     batch, shape = z0.shape[0], z0.shape[1:]
+    width = shape.numel()
     device, dtype = z0.device, z0.dtype
     args = tuple(args)
     _check_args(args, batch)
@@ -128,21 +129,21 @@ def solve(
     if not bool((cap_t >= 1).all()):
         raise ValueError("max_iter must be >= 1 for every sample")
 
-    out_z = torch.empty_like(z0).reshape(batch, shape.numel())
+    out_z = torch.empty_like(z0).reshape(batch, width)
     out_iters = torch.zeros(batch, dtype=torch.int64, device=device)
     out_res = torch.full((batch,), float("inf"), dtype=dtype, device=device)
     out_status = torch.zeros(batch, dtype=torch.int64, device=device)
 
     with torch.no_grad():
         idx = torch.arange(batch, device=device)
-        z = z0.detach().reshape(batch, -1)
+        z = z0.detach().reshape(batch, width)
         best_z, best_res = z, torch.full_like(out_res, float("inf"))
         iters = torch.zeros_like(out_iters)
         abs0: Tensor | None = None
         state = step_fn.init(z)
         steps = 0
         while idx.numel() > 0:
-            fz = f(z.view(-1, *shape), *args).reshape(z.shape[0], -1)
+            fz = f(z.view(-1, *shape), *args).reshape(z.shape[0], width)
             steps += 1
             iters = iters + 1
             g = fz - z
