@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from deq_server.core import DEQModel, Status, load_checkpoint, save_checkpoint
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor
-
-from deq_server.core import DEQModel, Status, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "examples" / "digits_results.json"
@@ -40,7 +39,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--hidden", type=int, default=64, help="state width (default 64)")
     p.add_argument("--max-norm", type=float, default=0.8, help="spectral cap on W (default 0.8)")
-    p.add_argument("--init-scale", type=float, default=2.0, help="W init scale; >= 2 starts at the cap")
+    p.add_argument(
+        "--init-scale", type=float, default=2.0, help="initial ||W||_2 before the cap (default 2.0)"
+    )
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-2, help="peak Adam learning rate")
@@ -56,9 +57,9 @@ def load_split() -> Split:
     """The fixed stratified 75/25 split of load_digits as float32 raw pixels and int64 labels."""
     X, y = load_digits(return_X_y=True)
     X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
-    f32 = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
-    i64 = lambda a: torch.as_tensor(a, dtype=torch.int64)  # noqa: E731
-    return f32(X_tr), i64(y_tr), f32(X_te), i64(y_te)
+    pixels = [torch.as_tensor(a, dtype=torch.float32) for a in (X_tr, X_te)]
+    labels = [torch.as_tensor(a, dtype=torch.int64) for a in (y_tr, y_te)]
+    return pixels[0], labels[0], pixels[1], labels[1]
 
 
 def build_config(hidden: int, max_norm: float, init_scale: float) -> dict[str, Any]:
@@ -165,7 +166,14 @@ def save(model: DEQModel, path: Path, seed: int, accuracy: float, steps: int) ->
         "script": "examples/train_digits.py",
     }
     save_checkpoint(model.float(), path, metadata=metadata)
+    path.chmod(0o644)  # the atomic save's temp file is created 0600; this file is package data
     return path.stat().st_size
+
+
+def display_path(path: Path) -> str:
+    """`path` relative to the repository when inside it, so the JSON does not hold /home paths."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
 
 
 def verify(path: Path, X: Tensor, y: Tensor, expected: float) -> float:
@@ -206,7 +214,11 @@ def main() -> None:
         "train": {**stats, "seconds": round(train_seconds, 2), "accuracy": train_acc},
         "test_default": default,
         "sweep": rows,
-        "checkpoint": {"path": str(args.out_model), "bytes": size, "reloaded_accuracy": reloaded},
+        "checkpoint": {
+            "path": display_path(args.out_model),
+            "bytes": size,
+            "reloaded_accuracy": reloaded,
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

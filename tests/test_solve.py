@@ -50,8 +50,13 @@ def test_each_sample_meets_its_own_tolerance_and_retires_for_good(method, gen):
     counter = RowCounter(tanh_cell(w))
     rows = torch.arange(batch)
     result = solve(
-        counter, torch.zeros(batch, 16, dtype=torch.float64), args=(inj, rows),
-        tol=tol, max_iter=200, method=method, stop_mode="rel",
+        counter,
+        torch.zeros(batch, 16, dtype=torch.float64),
+        args=(inj, rows),
+        tol=tol,
+        max_iter=200,
+        method=method,
+        stop_mode="rel",
     )
     assert (result.status == Status.CONVERGED).all()
     assert (result.residual <= tol).all()
@@ -72,8 +77,15 @@ def test_each_sample_meets_its_own_tolerance_and_retires_for_good(method, gen):
 def test_reported_residual_is_the_residual_of_the_returned_state(method, stop_mode, gen):
     w, inj = contractive_problem(6, 10, gen)
     f = tanh_cell(w)
-    result = solve(f, torch.zeros(6, 10, dtype=torch.float64), args=(inj,), tol=1e-8,
-                   max_iter=100, method=method, stop_mode=stop_mode)
+    result = solve(
+        f,
+        torch.zeros(6, 10, dtype=torch.float64),
+        args=(inj,),
+        tol=1e-8,
+        max_iter=100,
+        method=method,
+        stop_mode=stop_mode,
+    )
     fz = f(result.z, inj)
     abs_res = (fz - result.z).norm(dim=1)
     expected = abs_res if stop_mode == "abs" else abs_res / fz.norm(dim=1)
@@ -85,8 +97,15 @@ def test_reported_residual_is_the_residual_of_the_returned_state(method, stop_mo
 def test_per_sample_max_iter_caps_each_row(method, gen):
     w, inj = contractive_problem(4, 10, gen, rho=0.95)
     caps = torch.tensor([1, 3, 5, 400])
-    result = solve(tanh_cell(w), torch.zeros(4, 10, dtype=torch.float64), args=(inj,),
-                   tol=1e-14, max_iter=caps, method=method, stop_mode="abs")
+    result = solve(
+        tanh_cell(w),
+        torch.zeros(4, 10, dtype=torch.float64),
+        args=(inj,),
+        tol=1e-14,
+        max_iter=caps,
+        method=method,
+        stop_mode="abs",
+    )
     assert result.status[:3].tolist() == [Status.MAX_ITER] * 3
     assert result.iterations[:3].tolist() == [1, 3, 5]
     assert result.status[3] == Status.CONVERGED
@@ -99,11 +118,23 @@ def test_batched_rows_equal_solo_solves(method, gen):
     w, inj = contractive_problem(batch, 12, gen, rho=0.9)
     f = tanh_cell(w)
     tol = torch.logspace(-2, -10, batch, dtype=torch.float64)
-    together = solve(f, torch.zeros(batch, 12, dtype=torch.float64), args=(inj,), tol=tol,
-                     max_iter=300, method=method)
+    together = solve(
+        f,
+        torch.zeros(batch, 12, dtype=torch.float64),
+        args=(inj,),
+        tol=tol,
+        max_iter=300,
+        method=method,
+    )
     for r in range(batch):
-        alone = solve(f, torch.zeros(1, 12, dtype=torch.float64), args=(inj[r : r + 1],),
-                      tol=tol[r : r + 1], max_iter=300, method=method)
+        alone = solve(
+            f,
+            torch.zeros(1, 12, dtype=torch.float64),
+            args=(inj[r : r + 1],),
+            tol=tol[r : r + 1],
+            max_iter=300,
+            method=method,
+        )
         assert alone.iterations.item() == together.iterations[r].item()
         assert alone.status.item() == together.status[r].item()
         torch.testing.assert_close(alone.z[0], together.z[r], rtol=1e-9, atol=1e-12)
@@ -135,8 +166,14 @@ def test_expansive_tanh_cell_fails_honestly_with_finite_states(method, gen):
     q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=gen))
     w = 3.0 * q  # spectral norm 3
     inj = torch.randn(8, d, dtype=torch.float64, generator=gen)
-    result = solve(tanh_cell(w), torch.zeros(8, d, dtype=torch.float64), args=(inj,),
-                   tol=1e-8, max_iter=100, method=method)
+    result = solve(
+        tanh_cell(w),
+        torch.zeros(8, d, dtype=torch.float64),
+        args=(inj,),
+        tol=1e-8,
+        max_iter=100,
+        method=method,
+    )
     failed = {Status.DIVERGED, Status.NONFINITE, Status.MAX_ITER}
     assert set(result.status.tolist()) <= failed | {Status.CONVERGED}
     assert (result.status != Status.CONVERGED).any()
@@ -151,15 +188,29 @@ def test_expansive_linear_cell_is_diverged_not_nan(method, gen):
     q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=gen))
     w = 3.0 * q
     inj = torch.randn(4, d, dtype=torch.float64, generator=gen)
-    result = solve(lambda z, c: z @ w.T + c, torch.zeros(4, d, dtype=torch.float64) + 1.0,
-                   args=(inj,), tol=1e-8, max_iter=10_000, method="picard")
+    result = solve(
+        lambda z, c: z @ w.T + c,
+        torch.zeros(4, d, dtype=torch.float64) + 1.0,
+        args=(inj,),
+        tol=1e-8,
+        max_iter=10_000,
+        method="picard",
+    )
     assert (result.status == Status.DIVERGED).all()
-    assert torch.isfinite(result.z).all() and torch.isfinite(result.residual).all()
+    assert torch.isfinite(result.z).all()
+    assert torch.isfinite(result.residual).all()
     if method != "picard":
         return  # accelerated methods may find the unstable fixed point instead: that is fine.
     # With divergence detection off, the iterates overflow: NONFINITE, still a finite state.
-    result = solve(lambda z, c: z @ w.T + c, torch.zeros(4, d, dtype=torch.float64) + 1.0,
-                   args=(inj,), tol=1e-8, max_iter=10_000, method=method, divergence=float("inf"))
+    result = solve(
+        lambda z, c: z @ w.T + c,
+        torch.zeros(4, d, dtype=torch.float64) + 1.0,
+        args=(inj,),
+        tol=1e-8,
+        max_iter=10_000,
+        method=method,
+        divergence=float("inf"),
+    )
     assert (result.status == Status.NONFINITE).all()
     assert torch.isfinite(result.z).all()
 
@@ -167,8 +218,15 @@ def test_expansive_linear_cell_is_diverged_not_nan(method, gen):
 def test_singular_anderson_system_takes_plain_steps_instead_of_raising():
     # g = f(z) - z is constant, so every history difference is zero: the Gram matrix is exactly 0.
     c = torch.ones(3, 4, dtype=torch.float64)
-    result = solve(lambda z, c: z + c, torch.zeros(3, 4, dtype=torch.float64), args=(c,),
-                   tol=1e-6, max_iter=20, method="anderson", reg=0.0)
+    result = solve(
+        lambda z, c: z + c,
+        torch.zeros(3, 4, dtype=torch.float64),
+        args=(c,),
+        tol=1e-6,
+        max_iter=20,
+        method="anderson",
+        reg=0.0,
+    )
     assert (result.status == Status.MAX_ITER).all()
     assert torch.isfinite(result.z).all()
     # A plain step each iteration from z0 = 0: the lowest-residual iterate is the start.
@@ -177,9 +235,17 @@ def test_singular_anderson_system_takes_plain_steps_instead_of_raising():
 
 def test_duplicate_history_columns_do_not_break_anderson(gen):
     # A linear map on a 1-D space gives rank-1 histories: the mixing system is singular for m > 1.
-    w, inj = contractive_problem(3, 1, gen, rho=0.5)
-    result = solve(lambda z, c: 0.5 * z + c, torch.zeros(3, 1, dtype=torch.float64), args=(inj,),
-                   tol=1e-12, max_iter=50, method="anderson", m=5, reg=0.0)
+    _w, inj = contractive_problem(3, 1, gen, rho=0.5)
+    result = solve(
+        lambda z, c: 0.5 * z + c,
+        torch.zeros(3, 1, dtype=torch.float64),
+        args=(inj,),
+        tol=1e-12,
+        max_iter=50,
+        method="anderson",
+        m=5,
+        reg=0.0,
+    )
     assert (result.status == Status.CONVERGED).all()
     torch.testing.assert_close(result.z, 2 * inj)
 
@@ -196,11 +262,21 @@ def test_stop_hook_retires_rows_with_the_status_it_returns(gen):
         verdict = torch.where(p.active % 3 == 0, int(Status.DEADLINE), 0)
         return torch.where(p.active % 3 == 1, int(Status.CANCELLED), verdict)
 
-    result = solve(tanh_cell(w), torch.zeros(batch, 10, dtype=torch.float64), args=(inj,),
-                   tol=1e-12, max_iter=500, should_stop=should_stop)
+    result = solve(
+        tanh_cell(w),
+        torch.zeros(batch, 10, dtype=torch.float64),
+        args=(inj,),
+        tol=1e-12,
+        max_iter=500,
+        should_stop=should_stop,
+    )
     assert result.status.tolist() == [
-        Status.DEADLINE, Status.CANCELLED, Status.CONVERGED,
-        Status.DEADLINE, Status.CANCELLED, Status.CONVERGED,
+        Status.DEADLINE,
+        Status.CANCELLED,
+        Status.CONVERGED,
+        Status.DEADLINE,
+        Status.CANCELLED,
+        Status.CONVERGED,
     ]
     assert (result.iterations[result.status != Status.CONVERGED] == 3).all()
     assert torch.isfinite(result.z).all()
@@ -211,8 +287,14 @@ def test_stop_hook_retires_rows_with_the_status_it_returns(gen):
 
 def test_convergence_wins_over_the_hook_in_the_same_iteration(gen):
     w, inj = contractive_problem(2, 4, gen)
-    result = solve(tanh_cell(w), torch.zeros(2, 4, dtype=torch.float64), args=(inj,), tol=1e3,
-                   max_iter=10, should_stop=lambda p: torch.full_like(p.active, int(Status.DEADLINE)))
+    result = solve(
+        tanh_cell(w),
+        torch.zeros(2, 4, dtype=torch.float64),
+        args=(inj,),
+        tol=1e3,
+        max_iter=10,
+        should_stop=lambda p: torch.full_like(p.active, int(Status.DEADLINE)),
+    )
     assert (result.status == Status.CONVERGED).all()
 
 
@@ -229,7 +311,8 @@ def test_non_tensor_and_multi_dim_args_travel_with_rows(gen):
 
 def test_empty_batch_returns_empty_result():
     result = solve(lambda z: z, torch.zeros(0, 3), tol=1e-3, max_iter=5)
-    assert result.z.shape == (0, 3) and result.steps == 0
+    assert result.z.shape == (0, 3)
+    assert result.steps == 0
 
 
 @pytest.mark.parametrize(
@@ -262,7 +345,12 @@ def test_args_must_be_batch_first():
 def test_status_values_are_stable_and_documented():
     assert [s.value for s in Status] == [1, 2, 3, 4, 5, 6]
     assert [s.name for s in Status] == [
-        "CONVERGED", "MAX_ITER", "DIVERGED", "NONFINITE", "DEADLINE", "CANCELLED",
+        "CONVERGED",
+        "MAX_ITER",
+        "DIVERGED",
+        "NONFINITE",
+        "DEADLINE",
+        "CANCELLED",
     ]
     assert all(s.message for s in Status)
 
@@ -271,10 +359,22 @@ def test_status_values_are_stable_and_documented():
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_cuda_matches_cpu(method, gen):
     w, inj = contractive_problem(8, 32, gen)
-    cpu = solve(tanh_cell(w), torch.zeros(8, 32, dtype=torch.float64), args=(inj,), tol=1e-10,
-                max_iter=200, method=method)
+    cpu = solve(
+        tanh_cell(w),
+        torch.zeros(8, 32, dtype=torch.float64),
+        args=(inj,),
+        tol=1e-10,
+        max_iter=200,
+        method=method,
+    )
     wc, ic = w.cuda(), inj.cuda()
-    gpu = solve(tanh_cell(wc), torch.zeros(8, 32, dtype=torch.float64, device="cuda"),
-                args=(ic,), tol=1e-10, max_iter=200, method=method)
+    gpu = solve(
+        tanh_cell(wc),
+        torch.zeros(8, 32, dtype=torch.float64, device="cuda"),
+        args=(ic,),
+        tol=1e-10,
+        max_iter=200,
+        method=method,
+    )
     assert torch.equal(cpu.status, gpu.status.cpu())
     torch.testing.assert_close(cpu.z, gpu.z.cpu(), rtol=1e-8, atol=1e-10)

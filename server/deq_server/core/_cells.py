@@ -85,7 +85,7 @@ class MLPCell(nn.Module):
         self.injection = nn.Linear(c["in_features"], c["hidden"])
         self.W = nn.Linear(c["hidden"], c["hidden"], bias=False)
         self.out = nn.Linear(c["hidden"], c["out_features"])
-        # A gaussian n x n matrix with std s/sqrt(n) has spectral norm about 2s.
+        # init_scale is W's initial spectral norm: gaussian n x n with std s/(2 sqrt(n)) has about s.
         nn.init.normal_(self.W.weight, std=c["init_scale"] / (2 * math.sqrt(c["hidden"])))
         _normalise(self.W, c["norm"], c["max_norm"])
         self.state_shape: tuple[int, ...] = (c["hidden"],)

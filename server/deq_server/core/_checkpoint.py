@@ -52,7 +52,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the new one.
 
     Temp file in the same folder (same filesystem), fsync, rename over the target, fsync folder.
@@ -60,6 +60,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     target = Path(path)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)  # mkstemp creates 0600; checkpoints are read by other users too
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._solve import SolveResult, solve
+from ._solve import SolveResult, check_solver_options, solve
 
 Cell = Callable[[Tensor, Tensor], Tensor]
 
@@ -31,6 +31,9 @@ class IFT:
     method: str = "anderson"
     stop_mode: str = "rel"
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_solver_options(self.tol, self.max_iter, self.method, self.stop_mode, self.options)
 
     def attach(self, cell: Cell, result: SolveResult, inj: Tensor) -> Tensor:
         z_star = result.z.detach().requires_grad_()
@@ -50,7 +53,9 @@ class IFT:
             (jt_g,) = torch.autograd.grad(f_star, z_star, full, retain_graph=True)
             return jt_g.index_select(0, rows) + rows_v
 
-        def hook(v: Tensor) -> Tensor:
+        def hook(v: Tensor | None) -> Tensor | None:
+            if v is None:  # no gradient flows to the output (autograd may ask): nothing to solve
+                return None
             rows = torch.arange(v.shape[0], device=v.device)
             back = solve(
                 vjp,
@@ -74,6 +79,12 @@ class Phantom:
 
     steps: int = 5
     damping: float = 0.8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"phantom steps must be an int >= 1, got {self.steps!r}")
+        if not 0.0 < self.damping <= 1.0:
+            raise ValueError(f"phantom damping must be in (0, 1], got {self.damping!r}")
 
     def attach(self, cell: Cell, result: SolveResult, inj: Tensor) -> Tensor:
         z = result.z.detach()

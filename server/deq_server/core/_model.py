@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 from ._cells import CELLS, resolve_config
 from ._implicit import Backward, backward_config, make_backward
-from ._solve import STOP_MODES, SolveResult, StopHook, solve
+from ._solve import SolveResult, StopHook, check_solver_options, solve
 
 SOLVER_DEFAULTS: dict[str, Any] = {
     "method": "anderson",
@@ -22,16 +22,23 @@ SOLVER_DEFAULTS: dict[str, Any] = {
 
 
 def _resolve_solver(solver: dict[str, Any] | None) -> dict[str, Any]:
+    """Solver defaults of a config: the four keys above plus options of the default method."""
     out = {**SOLVER_DEFAULTS, **(solver or {})}
-    if out["stop_mode"] not in STOP_MODES:
-        raise ValueError(
-            f"solver.stop_mode must be one of {list(STOP_MODES)}, got {out['stop_mode']!r}"
-        )
-    if not (isinstance(out["tol"], int | float) and out["tol"] > 0):
-        raise ValueError(f"solver.tol must be a number > 0, got {out['tol']!r}")
-    if not (isinstance(out["max_iter"], int) and out["max_iter"] >= 1):
-        raise ValueError(f"solver.max_iter must be an int >= 1, got {out['max_iter']!r}")
+    options = {k: v for k, v in out.items() if k not in SOLVER_DEFAULTS}
+    try:
+        check_solver_options(out["tol"], out["max_iter"], out["method"], out["stop_mode"], options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"invalid solver config: {exc}") from exc
     return out
+
+
+def _call_options(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Per-call solver settings: config defaults, then overrides. The config's method options
+    (e.g. anderson's m) apply only while the call keeps the config's method."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("method", defaults["method"]) != defaults["method"]:
+        defaults = {k: v for k, v in defaults.items() if k in SOLVER_DEFAULTS}
+    return {**defaults, **given}
 
 
 class DEQModel(nn.Module):
@@ -93,7 +100,7 @@ class DEQModel(nn.Module):
         backward: str | dict[str, Any] | Backward | None = None,
         **solver: Any,
     ) -> tuple[Tensor, SolveResult]:
-        opts = {**self._config["solver"], **{k: v for k, v in solver.items() if v is not None}}
+        opts = _call_options(self._config["solver"], solver)
         strategy = self.backward_strategy if backward is None else make_backward(backward)
         # Weight parametrizations (norms) are computed once per call, not once per iteration.
         with parametrize.cached():

@@ -73,6 +73,19 @@ def _per_sample(
     return torch.full((batch,), value, dtype=dtype, device=device)
 
 
+def check_solver_options(
+    tol: object, max_iter: object, method: str, stop_mode: str, options: dict[str, Any]
+) -> None:
+    """Validate scalar solver settings up front (configs are checked when built, not when run)."""
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < float("inf"):
+        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+    if stop_mode not in STOP_MODES:
+        raise ValueError(f"unknown stop_mode {stop_mode!r}; expected one of {list(STOP_MODES)}")
+    make_method(method, **options)
+
+
 def _check_args(args: Sequence[Any], batch: int) -> None:
     for i, a in enumerate(args):
         if isinstance(a, Tensor) and (a.dim() == 0 or a.shape[0] != batch):
