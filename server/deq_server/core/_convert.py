@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import torch
 from torch import nn
 
 from ._activations import activation_name
@@ -15,7 +16,8 @@ def mlp_to_deq(mlp: nn.Sequential) -> DEQModel:
 
     `mlp` is Linear layers, each optionally followed by one activation module (none = identity).
     The solver defaults are picard with L + 1 evaluations: the fixed point is reached after L
-    steps because the state matrix is nilpotent, and the last evaluation confirms a zero residual.
+    steps because the state matrix is nilpotent, and the last evaluation confirms a zero residual
+    (the implicit backward's linear fixed point is nilpotent too: L + 1 evaluations at most).
     """
     modules = list(mlp)
     linears: list[nn.Linear] = []
@@ -39,19 +41,17 @@ def mlp_to_deq(mlp: nn.Sequential) -> DEQModel:
         raise ValueError(f"consecutive Linear layers do not chain: sizes {sizes}")
     depth = len(linears)
     ref = linears[0].weight
+    # Relative tolerance at rounding level: only the exact fixed point (or a layer that changes
+    # nothing) stops the solve early, yet last-bit differences between batch sizes still pass.
+    tol = 1e-12 if ref.dtype == torch.float64 else 1e-6
+    exact = {"method": "picard", "stop_mode": "rel", "tol": tol, "max_iter": depth + 1}
     model = DEQModel.from_config(
         {
             "cell": "tied_mlp",
             "layers": sizes,
             "activations": acts,
-            "solver": {"method": "picard", "stop_mode": "abs", "tol": 1e-6, "max_iter": depth + 1},
-            "backward": {
-                "mode": "ift",
-                "method": "picard",
-                "stop_mode": "abs",
-                "tol": 1e-6,
-                "max_iter": depth + 1,
-            },
+            "solver": exact,
+            "backward": {"mode": "ift", **exact},
         }
     ).to(dtype=ref.dtype, device=ref.device)
     for dst, src in zip(model.layer.linears, linears, strict=True):
