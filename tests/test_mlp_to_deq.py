@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -20,7 +22,7 @@ def mlps(draw: st.DrawFn) -> nn.Sequential:
     seed = draw(st.integers(0, 2**31 - 1))
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+    for a, b in itertools.pairwise(sizes):
         layers.append(nn.Linear(a, b))
         act = draw(st.sampled_from(ACTIVATION_MODULES))
         if act is not None:

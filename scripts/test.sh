@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command of the README, run by CI as .ci/run on a fresh machine: installs everything the
+# tests need, then lints and runs the whole suite. Exits non-zero on any failure (pytest's
+# "no tests collected", exit 5, included).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# CPU wheel from the local disk first: a bare torch requirement would pull a multi-GB CUDA build.
+python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+python -m pip install --quiet --disable-pip-version-check -e ".[server,dev]"
+
+ruff check .
+ruff format --check .
+python -m pytest -q -p no:cacheprovider "$@"
