@@ -2,8 +2,9 @@
 
 Metadata (all strings, as safetensors requires): `deq_format_version`, `config` (JSON),
 `architecture`, `solver` (JSON), `created_at` (UTC ISO 8601), `parent` (the checkpoint this one
-was fine-tuned from, or ""), `sha256` over the tensors (safetensors itself checks no content), and
-any caller-supplied `user.*` keys. Saving is atomic; loading validates everything and names what
+was fine-tuned from, or ""), any caller-supplied `user.*` keys, and `sha256` over the tensors and
+every other metadata entry (safetensors itself checks no content: a flipped bit in the weights or
+in the config would otherwise load as a different model). Saving is atomic; loading validates everything and names what
 is wrong. No pickle ever runs: a `.pt` file is read only with `torch.load(weights_only=True)`.
 """
 
@@ -41,6 +42,15 @@ def tensors_digest(tensors: dict[str, Tensor]) -> str:
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
+    """sha256 over the tensors and every metadata entry except `sha256` itself."""
+    h = hashlib.sha256(tensors_digest(tensors).encode())
+    for key in sorted(meta):
+        if key != "sha256":
+            h.update(f"\0{key}\0{meta[key]}".encode())
     return h.hexdigest()
 
 
@@ -90,12 +100,12 @@ def save_checkpoint(
         "solver": json.dumps(config["solver"], sort_keys=True),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "parent": parent,
-        "sha256": tensors_digest(tensors),
     }
     for key, value in (metadata or {}).items():
         if not isinstance(value, str):
             raise TypeError(f"metadata[{key!r}] must be a str, got {type(value).__name__}")
         meta[f"user.{key}"] = value
+    meta["sha256"] = checkpoint_digest(tensors, meta)
     atomic_write(path, st_save(tensors, metadata=meta))
 
 
@@ -176,9 +186,15 @@ def load_checkpoint(
         raise CheckpointError(f"{p}: unsupported checkpoint suffix {p.suffix!r}; use .safetensors")
     tensors, meta = _read_safetensors(p)
     parsed = _parse_meta(p, meta)
-    if tensors_digest(tensors) != meta["sha256"]:
-        raise CheckpointError(f"{p}: tensor data does not match its sha256 (corrupted file)")
+    if checkpoint_digest(tensors, meta) != meta["sha256"]:
+        raise CheckpointError(f"{p}: weights or metadata do not match the sha256 (corrupted file)")
     model = _build(p, parsed, tensors)
+    if meta["architecture"] != parsed.get("cell"):
+        raise CheckpointError(
+            f"{p}: metadata architecture {meta['architecture']!r} != config cell {parsed.get('cell')!r}"
+        )
+    if "solver" in meta and meta["solver"] != json.dumps(model.config["solver"], sort_keys=True):
+        raise CheckpointError(f"{p}: metadata 'solver' does not match the config's solver")
     model.provenance = {"path": str(p), **meta}
     return model
 
@@ -186,6 +202,8 @@ def load_checkpoint(
 def _load_pt(path: Path, config: dict[str, Any] | None) -> DEQModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # a missing or unreadable file is not a refused one
     except Exception as exc:  # weights_only refuses pickled code with UnpicklingError
         raise CheckpointError(f"{path}: refused: not a plain weights file ({exc})") from exc
     if isinstance(obj, dict) and "state_dict" in obj:
@@ -193,6 +211,8 @@ def _load_pt(path: Path, config: dict[str, Any] | None) -> DEQModel:
         obj = obj["state_dict"]
     if config is None:
         raise CheckpointError(f"{path}: a .pt state dict carries no config; pass config=")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: config must be a dict, got {type(config).__name__}")
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors")
     model = _build(path, config, obj)
