@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from deq_server.core import Status, solve
 from torch import Tensor
+
+from deq_server.core import Status, solve
 
 D = 256
 BATCH = 256
@@ -41,6 +42,7 @@ FAMILIES = ("symmetric", "orthogonal")
 SEED = 0
 THREADS = 2
 DTYPE = torch.float32
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "solvers.json"
 SOLO_TARGET = 1.1  # batched per-sample evals / solo evals should stay below this
 
 Cell = Callable[[Tensor, Tensor], Tensor]
@@ -102,6 +104,7 @@ class Outcome:
     sample_evals: Tensor  # (B,) f-evaluations spent on each sample
     converged: int  # by the solver's own verdict (ours) or recomputed (torchdeq)
     residual: Tensor  # (B,) recomputed rel residual of the returned z
+    wall_s: float  # the solve call alone (not the residual recomputation)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -132,9 +135,9 @@ TORCHDEQ_SPECS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--quick", action="store_true", help="only rho=0.95, one timed run")
-    p.add_argument("--out", type=Path, default=Path("bench/results/solvers.json"))
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
     p.add_argument("--no-torchdeq", action="store_true", help="skip the torchdeq comparison")
     p.add_argument(
         "--solo-samples", type=int, default=64, help="samples solved alone per row (0 = skip)"
@@ -179,6 +182,7 @@ def run_ours(spec: Spec, prob: Problem) -> Outcome:
     """One batched solve with deq_server.core.solve."""
     f = Counted(prob.cell())
     z0 = torch.zeros_like(prob.inj)
+    t0 = time.perf_counter()
     res = solve(
         f,
         z0,
@@ -189,12 +193,14 @@ def run_ours(spec: Spec, prob: Problem) -> Outcome:
         stop_mode="rel",
         **spec.options,
     )
+    wall_s = time.perf_counter() - t0
     recomputed = rel_residual(prob.cell(), res.z, prob.inj)
     return Outcome(
         batch_evals=res.steps,
         sample_evals=res.iterations,
         converged=int((res.status == Status.CONVERGED).sum()),
         residual=recomputed,
+        wall_s=wall_s,
         extra={
             "f_calls_counted": f.calls,
             "converged_recomputed": int((recomputed <= TOL).sum()),
@@ -219,30 +225,33 @@ def run_torchdeq(spec: Spec, prob: Problem, solvers: dict[str, Callable[..., Any
     f = Counted(prob.cell())
     inj = prob.inj
     z0 = torch.zeros_like(inj)
+    t0 = time.perf_counter()
     with torch.no_grad():
         z, _, info = solvers[spec.method](
             lambda z: f(z, inj), z0, max_iter=MAX_ITER, tol=TOL, stop_mode="rel", **spec.options
         )
+    wall_s = time.perf_counter() - t0
     residual = rel_residual(prob.cell(), z, inj)
     return Outcome(
         batch_evals=f.calls,
         sample_evals=torch.full((BATCH,), f.calls, dtype=torch.int64),
         converged=int((residual <= TOL).sum()),
         residual=residual,
+        wall_s=wall_s,
         extra={"reported_rel_lowest_max": float(info["rel_lowest"].max())},
     )
 
 
 def timed(run: Callable[[], Outcome], repeats: int, slow_s: float) -> tuple[Outcome, list[float]]:
-    """One warm-up run, then `repeats` timed runs (one when the warm-up exceeded slow_s)."""
-    t0 = time.perf_counter()
+    """One warm-up run, then `repeats` timed runs (one when the warm-up exceeded slow_s).
+
+    Each run times its own solve call (perf_counter); the last run's outcome is returned.
+    """
     out = run()
-    warm = time.perf_counter() - t0
     times = []
-    for _ in range(1 if warm > slow_s else repeats):
-        t0 = time.perf_counter()
+    for _ in range(1 if out.wall_s > slow_s else repeats):
         out = run()
-        times.append(time.perf_counter() - t0)
+        times.append(out.wall_s)
     return out, times
 
 
@@ -269,7 +278,11 @@ def solo_evals(spec: Spec, prob: Problem, indices: Tensor) -> Tensor:
 def solo_indices(n: int) -> Tensor:
     """n evenly spaced batch indices (all of them when n >= B)."""
     n = min(n, BATCH)
-    return torch.linspace(0, BATCH - 1, n).round().long().unique() if n > 0 else torch.empty(0)
+    return (
+        torch.linspace(0, BATCH - 1, n).round().long().unique()
+        if n > 0
+        else torch.empty(0, dtype=torch.long)
+    )
 
 
 def bench_row(
@@ -299,6 +312,7 @@ def bench_row(
         "residual_median": float(out.residual.median()),
         "wall_s_median": statistics.median(times),
         "wall_s_runs": times,
+        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         **out.extra,
     }
     if spec.impl == "ours" and args.solo_samples > 0:
