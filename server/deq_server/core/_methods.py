@@ -117,17 +117,46 @@ class _History:
         )
 
 
+@dataclass
+class _AndersonState:
+    """History of the last m steps per row, laid out so one batched product gives the whole
+    least-squares system: E[:, 0] is the current residual g, E[:, 1:] a ring of residual
+    differences dG; X is the matching ring of mixing columns dX + beta dG.
+
+    Slots fill in order, so the first min(written, m) ring slots are live. A row without a usable
+    difference (no previous iterate yet) stores zeros: a zero column gets gamma = 0 from the
+    ridge, so rows of different ages can share one buffer without masks.
+    """
+
+    E: Tensor
+    X: Tensor
+    z_prev: Tensor
+    g_prev: Tensor
+    has_prev: Tensor  # (A, 1): 1.0 where z_prev/g_prev hold this row's previous iterate
+    written: int
+
+    def select(self, keep: Tensor) -> _AndersonState:
+        return _AndersonState(
+            E=self.E.index_select(0, keep),
+            X=self.X.index_select(0, keep),
+            z_prev=self.z_prev.index_select(0, keep),
+            g_prev=self.g_prev.index_select(0, keep),
+            has_prev=self.has_prev.index_select(0, keep),
+            written=self.written,
+        )
+
+
 @dataclass(frozen=True)
 class Anderson:
     """Type-II Anderson acceleration with window m and residual-scaled regularisation.
 
-    Solves min_gamma ||g - dG gamma||^2 + lam ||gamma||^2 per row, with lam = reg * mean(diag(dG dG^T)):
+    Solves min_gamma ||g - dG gamma||^2 + lam ||gamma||^2 per row with lam = reg * mean(diag(dG^T dG)):
     the ridge scales with the residual, so it neither dominates at tight tolerances nor vanishes at
     loose ones (a fixed ridge such as 1e-4 makes Anderson slower than plain iteration near
     convergence). A row whose mixing system is singular or non-finite takes a plain step.
     """
 
-    m: int = 5
+    m: int = 6
     beta: float = 1.0
     reg: float = 1e-8
 
@@ -139,32 +168,41 @@ class Anderson:
         if self.reg < 0:
             raise ValueError(f"anderson reg must be >= 0, got {self.reg}")
 
-    def init(self, z: Tensor) -> _History:
-        return _History.empty(z, self.m)
+    def init(self, z: Tensor) -> _AndersonState:
+        rows, n = z.shape
+        return _AndersonState(
+            E=z.new_zeros(rows, self.m + 1, n),
+            X=z.new_zeros(rows, self.m, n),
+            z_prev=torch.zeros_like(z),
+            g_prev=torch.zeros_like(z),
+            has_prev=z.new_zeros(rows, 1),
+            written=0,
+        )
 
-    def step(self, state: _History, z: Tensor, g: Tensor) -> Tensor:
+    def step(self, state: _AndersonState, z: Tensor, g: Tensor) -> Tensor:
         # The driver only steps rows with a finite residual, so z and g are finite here.
-        state.push(z - state.z_prev, g - state.g_prev, state.has_prev)  # a = dX, b = dG
-        state.remember(z, g)
+        # On a row's first step its column is zero, the system singular, and the step plain.
+        slot = state.written % self.m
+        dg, mix = state.E[:, 1 + slot], state.X[:, slot]
+        torch.sub(g, state.g_prev, out=dg).mul_(state.has_prev)
+        torch.sub(z, state.z_prev, out=mix).mul_(state.has_prev).add_(dg, alpha=self.beta)
+        state.E[:, 0] = g
+        state.written += 1
+        state.z_prev, state.g_prev, state.has_prev = z, g, torch.ones_like(state.has_prev)
 
-        valid = state.valid().to(z.dtype)
-        dX, dG = state.a, state.b
-        gram = (dG @ dG.transpose(1, 2)) * (valid[:, :, None] * valid[:, None, :])
-        rhs = (dG @ g.unsqueeze(2)).squeeze(2) * valid
-        n_valid = valid.sum(dim=1).clamp_min(1.0)
-        lam = self.reg * gram.diagonal(dim1=1, dim2=2).sum(dim=1) / n_valid
-        # Valid slots get the ridge on the diagonal, unused slots a 1 (their gamma is then 0).
-        diag = valid * lam[:, None] + (1.0 - valid)
-        system = gram + torch.diag_embed(diag)
-        gamma, info = torch.linalg.solve_ex(system, rhs.unsqueeze(2), check_errors=False)
-        gamma = gamma.transpose(1, 2)  # (A, 1, m)
-        good = (info == 0) & torch.isfinite(gamma).all(dim=2).squeeze(1)
+        k = min(state.written, self.m)
+        live = state.E[:, : k + 1]
+        products = live @ live.transpose(1, 2)  # [g, dG]^T [g, dG]: rhs and Gram at once
+        gram, rhs = products[:, 1:, 1:], products[:, 1:, :1]
+        diag = gram.diagonal(dim1=1, dim2=2)
+        diag.add_(self.reg * diag.mean(dim=1, keepdim=True))
+        gamma, info = torch.linalg.solve_ex(gram, rhs, check_errors=False)
+        good = (info == 0) & torch.isfinite(gamma).all(dim=(1, 2))
         gamma = torch.where(good[:, None, None], gamma, 0.0)
+        plain = torch.add(z, g, alpha=self.beta).unsqueeze(1)
+        return torch.baddbmm(plain, gamma.transpose(1, 2), state.X[:, :k], alpha=-1).squeeze(1)
 
-        z_next = z + self.beta * g - (gamma @ dX).squeeze(1)
-        return z_next - self.beta * (gamma @ dG).squeeze(1)
-
-    def select(self, state: _History, keep: Tensor) -> _History:
+    def select(self, state: _AndersonState, keep: Tensor) -> _AndersonState:
         return state.select(keep)
 
 

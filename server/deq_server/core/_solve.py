@@ -148,55 +148,54 @@ def solve(
     out_status = torch.zeros(batch, dtype=torch.int64, device=device)
 
     with torch.no_grad():
+        # Per-row bookkeeping packed in two tensors, so retiring rows costs two copies:
+        # ints = (original index, f-evaluations, max_iter); flts = (tol, first abs residual,
+        # lowest residual so far).
         idx = torch.arange(batch, device=device)
+        ints = torch.stack([idx, torch.zeros_like(idx), cap_t], dim=1)
+        inf = torch.full_like(tol_t, float("inf"))
+        flts = torch.stack([tol_t, inf, inf], dim=1)
         z = z0.detach().reshape(batch, width)
-        best_z, best_res = z, torch.full_like(out_res, float("inf"))
-        iters = torch.zeros_like(out_iters)
-        abs0: Tensor | None = None
+        best_z = z
         state = step_fn.init(z)
         steps = 0
-        while idx.numel() > 0:
+        while z.shape[0] > 0:
             fz = f(z.view(-1, *shape), *args).reshape(z.shape[0], width)
             steps += 1
-            iters = iters + 1
+            ints[:, 1] += 1
             g = fz - z
             abs_res, res = residual_norms(fz, z, stop_mode)
-            abs0 = abs_res if abs0 is None else abs0
-            finite = torch.isfinite(res)
-            better = finite & (res < best_res)
-            best_res = torch.where(better, res, best_res)
+            if steps == 1:
+                flts[:, 1] = abs_res
+            better = res < flts[:, 2]  # False for NaN
+            flts[:, 2] = torch.where(better, res, flts[:, 2])
             best_z = torch.where(better[:, None], z, best_z)
 
-            status = torch.where(iters >= cap_t, int(Status.MAX_ITER), RUNNING)
-            status = torch.where(abs_res > divergence * abs0, int(Status.DIVERGED), status)
-            status = torch.where(finite, status, int(Status.NONFINITE))
-            status = torch.where(finite & (res <= tol_t), int(Status.CONVERGED), status)
+            status = torch.zeros_like(ints[:, 0])
+            status.masked_fill_(ints[:, 1] >= ints[:, 2], int(Status.MAX_ITER))
+            status.masked_fill_(abs_res > divergence * flts[:, 1], int(Status.DIVERGED))
+            status.masked_fill_(~torch.isfinite(res), int(Status.NONFINITE))
+            status.masked_fill_(res <= flts[:, 0], int(Status.CONVERGED))
             if should_stop is not None:
-                stop = should_stop(Progress(steps, idx, res))
+                stop = should_stop(Progress(steps, ints[:, 0], res))
                 if stop is not None:
                     stop = stop.to(device=device, dtype=torch.int64)
-                    status = torch.where((status == RUNNING) & (stop != RUNNING), stop, status)
+                    status = torch.where(status == RUNNING, stop, status)
 
             running = status == RUNNING
             n_keep = int(running.sum())  # the one host sync per iteration
-            if n_keep < idx.numel():
+            if n_keep < z.shape[0]:
                 order = torch.argsort((~running).to(torch.int8), stable=True)
                 keep, done = order[:n_keep], order[n_keep:]
-                rows = idx[done]
-                out_z[rows] = best_z[done]
-                out_res[rows] = best_res[done]
-                out_iters[rows] = iters[done]
-                out_status[rows] = status[done]
+                rows = ints.index_select(0, done)
+                out_z.index_copy_(0, rows[:, 0], best_z.index_select(0, done))
+                out_iters.index_copy_(0, rows[:, 0], rows[:, 1])
+                out_res.index_copy_(0, rows[:, 0], flts.index_select(0, done)[:, 2])
+                out_status.index_copy_(0, rows[:, 0], status.index_select(0, done))
                 if n_keep == 0:
                     break
-                idx, z, g = idx[keep], z[keep], g[keep]
-                best_z, best_res, iters, abs0 = (
-                    best_z[keep],
-                    best_res[keep],
-                    iters[keep],
-                    abs0[keep],
-                )
-                tol_t, cap_t = tol_t[keep], cap_t[keep]
+                ints, flts = ints.index_select(0, keep), flts.index_select(0, keep)
+                z, g, best_z = z.index_select(0, keep), g.index_select(0, keep), best_z[keep]
                 args = _select_args(args, keep)
                 state = step_fn.select(state, keep)
             z = step_fn.step(state, z, g)
