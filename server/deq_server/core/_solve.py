@@ -99,13 +99,27 @@ def _select_args(args: tuple[Any, ...], keep: Tensor) -> tuple[Any, ...]:
     return tuple(a.index_select(0, keep) if isinstance(a, Tensor) else a for a in args)
 
 
-def residual_norms(fz: Tensor, z: Tensor, stop_mode: StopMode) -> tuple[Tensor, Tensor]:
-    """(abs, in-mode) residuals per row of flattened tensors: abs = ||f(z) - z||, rel = abs / ||f(z)||."""
-    abs_res = (fz - z).norm(dim=1)
+def residual_norms(fz: Tensor, g: Tensor, stop_mode: StopMode) -> tuple[Tensor, Tensor]:
+    """(abs, in-mode) residuals per row of flattened tensors, g = f(z) - z:
+    abs = ||g||, rel = abs / ||f(z)||."""
+    abs_res = g.norm(dim=1)
     if stop_mode == "abs":
         return abs_res, abs_res
     tiny = torch.finfo(fz.dtype).tiny
     return abs_res, abs_res / fz.norm(dim=1).clamp_min(tiny)
+
+
+def _classify(
+    res: Tensor, abs_res: Tensor, ints: Tensor, flts: Tensor, divergence: float
+) -> Tensor:
+    """Status of every active row (RUNNING where none applies), in priority order:
+    CONVERGED > NONFINITE > DIVERGED > MAX_ITER."""
+    status = torch.zeros_like(ints[:, 0])
+    status.masked_fill_(ints[:, 1] >= ints[:, 2], int(Status.MAX_ITER))
+    status.masked_fill_(abs_res > divergence * flts[:, 1], int(Status.DIVERGED))
+    status.masked_fill_(~torch.isfinite(res), int(Status.NONFINITE))
+    status.masked_fill_(res <= flts[:, 0], int(Status.CONVERGED))
+    return status
 
 
 def solve(
@@ -164,27 +178,27 @@ def solve(
             steps += 1
             ints[:, 1] += 1
             g = fz - z
-            abs_res, res = residual_norms(fz, z, stop_mode)
+            abs_res, res = residual_norms(fz, g, stop_mode)
             if steps == 1:
                 flts[:, 1] = abs_res
             better = res < flts[:, 2]  # False for NaN
             flts[:, 2] = torch.where(better, res, flts[:, 2])
             best_z = torch.where(better[:, None], z, best_z)
 
-            status = torch.zeros_like(ints[:, 0])
-            status.masked_fill_(ints[:, 1] >= ints[:, 2], int(Status.MAX_ITER))
-            status.masked_fill_(abs_res > divergence * flts[:, 1], int(Status.DIVERGED))
-            status.masked_fill_(~torch.isfinite(res), int(Status.NONFINITE))
-            status.masked_fill_(res <= flts[:, 0], int(Status.CONVERGED))
+            # Comparisons with NaN are False, so a non-finite row is not running.
+            running = (res > flts[:, 0]) & (ints[:, 1] < ints[:, 2])
+            running &= abs_res <= divergence * flts[:, 1]
+            stop = None
             if should_stop is not None:
                 stop = should_stop(Progress(steps, ints[:, 0], res))
                 if stop is not None:
                     stop = stop.to(device=device, dtype=torch.int64)
-                    status = torch.where(status == RUNNING, stop, status)
-
-            running = status == RUNNING
+                    running &= stop == RUNNING
             n_keep = int(running.sum())  # the one host sync per iteration
             if n_keep < z.shape[0]:
+                status = _classify(res, abs_res, ints, flts, divergence)
+                if stop is not None:
+                    status = torch.where(status == RUNNING, stop, status)
                 order = torch.argsort((~running).to(torch.int8), stable=True)
                 keep, done = order[:n_keep], order[n_keep:]
                 rows = ints.index_select(0, done)
