@@ -54,70 +54,6 @@ class Picard:
 
 
 @dataclass
-class _History:
-    """Ring buffer of the last m difference pairs per row, shared by Anderson and Broyden.
-
-    `a`, `b`: (A, m, n) difference pairs; `count`: (A,) pairs written for this row (capped at m);
-    `ptr`: next slot to write (global: rows that join later simply have fewer valid slots).
-    """
-
-    a: Tensor
-    b: Tensor
-    z_prev: Tensor
-    g_prev: Tensor
-    count: Tensor
-    has_prev: Tensor
-    ptr: int
-
-    @classmethod
-    def empty(cls, z: Tensor, m: int) -> _History:
-        rows, n = z.shape
-        return cls(
-            a=z.new_zeros(rows, m, n),
-            b=z.new_zeros(rows, m, n),
-            z_prev=torch.zeros_like(z),
-            g_prev=torch.zeros_like(z),
-            count=torch.zeros(rows, dtype=torch.int64, device=z.device),
-            has_prev=torch.zeros(rows, dtype=torch.bool, device=z.device),
-            ptr=0,
-        )
-
-    def push(self, a: Tensor, b: Tensor, ok: Tensor) -> None:
-        """Write one pair per row into the current slot; rows with `ok` False store zeros."""
-        m = self.a.shape[1]
-        slot = self.ptr % m
-        keep = ok.to(a.dtype)[:, None]
-        self.a[:, slot] = a * keep
-        self.b[:, slot] = b * keep
-        # A row whose pair is unusable restarts its history rather than mixing stale slots.
-        self.count = torch.where(ok, (self.count + 1).clamp_max(m), 0)
-        self.ptr += 1
-
-    def valid(self) -> Tensor:
-        """(A, m) mask of the slots that hold this row's most recent `count` pairs."""
-        m = self.a.shape[1]
-        slots = torch.arange(m, device=self.a.device)
-        age = (self.ptr - 1 - slots) % m  # 0 = newest slot
-        return age[None, :] < self.count[:, None]
-
-    def remember(self, z: Tensor, g: Tensor) -> None:
-        self.z_prev = z
-        self.g_prev = g
-        self.has_prev = torch.ones_like(self.has_prev)
-
-    def select(self, keep: Tensor) -> _History:
-        return _History(
-            a=self.a.index_select(0, keep),
-            b=self.b.index_select(0, keep),
-            z_prev=self.z_prev.index_select(0, keep),
-            g_prev=self.g_prev.index_select(0, keep),
-            count=self.count.index_select(0, keep),
-            has_prev=self.has_prev.index_select(0, keep),
-            ptr=self.ptr,
-        )
-
-
-@dataclass
 class _AndersonState:
     """History of the last m steps per row, laid out so one batched product gives the whole
     least-squares system: E[:, 0] is the current residual g, E[:, 1:] a ring of residual
@@ -206,18 +142,35 @@ class Anderson:
         return state.select(keep)
 
 
+@dataclass
+class _BroydenState:
+    """Rank-one terms u_i v_i^T of the inverse-Jacobian estimate; row r uses slots < count[r]."""
+
+    U: Tensor
+    V: Tensor
+    count: Tensor  # (A,) int64
+    z_prev: Tensor
+    g_prev: Tensor
+    has_prev: Tensor  # (A,) bool
+
+    def select(self, keep: Tensor) -> _BroydenState:
+        fields = (self.U, self.V, self.count, self.z_prev, self.g_prev, self.has_prev)
+        return _BroydenState(*(t.index_select(0, keep) for t in fields))
+
+
 @dataclass(frozen=True)
 class Broyden:
     """Limited-memory 'good' Broyden on g(z) = f(z) - z with an inverse-Jacobian estimate.
 
     B = -I + sum_i u_i v_i^T holds at most m rank-one terms (memory O(m n), not O(max_iter n));
-    when full, the oldest term is overwritten. Updates with a vanishing denominator are skipped.
-    Safeguard (no line search): a row whose residual grew by more than `growth` since the last
-    step drops its memory and takes a plain step back from the previous iterate.
+    when a row's memory is full it restarts from B = -I (dropping only the oldest term would leave
+    the later terms, each built on it, inconsistent). Updates with a vanishing denominator are
+    skipped. Safeguard (no line search): a row whose residual grew by more than `growth` since the
+    last step restarts its memory and takes a plain step back from the previous iterate.
     """
 
     m: int = 8
-    growth: float = 2.0
+    growth: float = 10.0
 
     def __post_init__(self) -> None:
         if self.m < 1:
@@ -225,42 +178,59 @@ class Broyden:
         if self.growth <= 1.0:
             raise ValueError(f"broyden growth must be > 1, got {self.growth}")
 
-    def init(self, z: Tensor) -> _History:
-        return _History.empty(z, self.m)
+    def init(self, z: Tensor) -> _BroydenState:
+        rows, n = z.shape
+        return _BroydenState(
+            U=z.new_zeros(rows, self.m, n),
+            V=z.new_zeros(rows, self.m, n),
+            count=torch.zeros(rows, dtype=torch.int64, device=z.device),
+            z_prev=torch.zeros_like(z),
+            g_prev=torch.zeros_like(z),
+            has_prev=torch.zeros(rows, dtype=torch.bool, device=z.device),
+        )
 
     @staticmethod
-    def _apply(u: Tensor, v: Tensor, valid: Tensor, x: Tensor) -> Tensor:
-        """(-I + U^T V) x per row over the valid slots, with U, V stored as (A, m, n)."""
-        coef = (v @ x.unsqueeze(2)).squeeze(2) * valid
+    def _apply(u: Tensor, v: Tensor, live: Tensor, x: Tensor) -> Tensor:
+        """(-I + U^T V) x per row over the live slots, with U, V stored as (A, m, n)."""
+        coef = (v @ x.unsqueeze(2)).squeeze(2) * live
         return -x + (coef.unsqueeze(1) @ u).squeeze(1)
 
-    def step(self, state: _History, z: Tensor, g: Tensor) -> Tensor:
-        g_norm = g.norm(dim=1)
-        worse = state.has_prev & (g_norm > self.growth * state.g_prev.norm(dim=1))
-        state.count = torch.where(worse, 0, state.count)
+    def _live(self, state: _BroydenState, dtype: torch.dtype) -> Tensor:
+        slots = torch.arange(self.m, device=state.count.device)
+        return (slots[None, :] < state.count[:, None]).to(dtype)
+
+    def step(self, state: _BroydenState, z: Tensor, g: Tensor) -> Tensor:
+        worse = state.has_prev & (g.norm(dim=1) > self.growth * state.g_prev.norm(dim=1))
+        full = state.count >= self.m
+        state.count = torch.where(worse | full, 0, state.count)
 
         s = z - state.z_prev
         y = g - state.g_prev
-        valid = state.valid().to(z.dtype)
-        b_y = self._apply(state.a, state.b, valid, y)
-        bt_s = self._apply(state.b, state.a, valid, s)  # B^T s swaps the roles of u and v
+        live = self._live(state, z.dtype)
+        b_y = self._apply(state.U, state.V, live, y)
+        bt_s = self._apply(state.V, state.U, live, s)  # B^T s swaps the roles of u and v
         den = (s * b_y).sum(dim=1)
         size = s.norm(dim=1) * b_y.norm(dim=1)
         eps = torch.finfo(z.dtype).eps
         ok = state.has_prev & ~worse & torch.isfinite(den) & (den.abs() > eps * size)
-        safe_den = torch.where(ok, den, 1.0)
-        retreat_z, retreat_g = state.z_prev, state.g_prev
-        state.push((s - b_y) / safe_den[:, None], bt_s, ok)
-        state.remember(
-            torch.where(worse[:, None], retreat_z, z), torch.where(worse[:, None], retreat_g, g)
-        )
+        u = (s - b_y) / torch.where(ok, den, 1.0)[:, None]
+        # Write every row's new term at its own next slot; only rows with `ok` count it as live.
+        at = state.count.clamp_max(self.m - 1)[:, None, None].expand(-1, 1, z.shape[1])
+        state.U.scatter_(1, at, u.unsqueeze(1))
+        state.V.scatter_(1, at, bt_s.unsqueeze(1))
+        state.count = state.count + ok.to(torch.int64)
 
-        valid = state.valid().to(z.dtype)
-        z_next = z - self._apply(state.a, state.b, valid, g)
-        z_next = torch.where(worse[:, None], retreat_z + retreat_g, z_next)
+        retreat = worse[:, None]
+        z_back, g_back = state.z_prev, state.g_prev
+        state.z_prev = torch.where(retreat, z_back, z)
+        state.g_prev = torch.where(retreat, g_back, g)
+        state.has_prev = torch.ones_like(state.has_prev)
+
+        z_next = z - self._apply(state.U, state.V, self._live(state, z.dtype), g)
+        z_next = torch.where(retreat, z_back + g_back, z_next)
         return _plain_where_bad(z_next, z, g, 1.0)
 
-    def select(self, state: _History, keep: Tensor) -> _History:
+    def select(self, state: _BroydenState, keep: Tensor) -> _BroydenState:
         return state.select(keep)
 
 
