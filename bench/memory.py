@@ -1,10 +1,10 @@
 """Peak memory of one training step versus forward solver depth: implicit vs unrolled backprop.
 
 Each (mode, iterations) point runs in a fresh process and reports
-- graph bytes: what autograd saved for backward during the step (saved-tensor hooks), the memory
-  that unrolled backprop grows with depth and the implicit backward does not;
-- peak RSS growth: how far the step raised the process's resident-set high-water mark;
-- CUDA peak allocated bytes when run on a GPU.
+- peak bytes: the high-water mark of tensor memory allocated during the step, from the torch
+  profiler's allocation events (CPU) or `torch.cuda.max_memory_allocated` (GPU);
+- graph bytes: what autograd saved for backward during the step (saved-tensor hooks; tensors
+  saved by two ops count twice), the memory that unrolled backprop grows with depth.
 The forward solve is forced to run exactly N picard iterations (tol far below reach).
 
     python bench/memory.py [--device cpu|cuda] [--out bench/results/memory.json]
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
 
 from deq_server.core import IFT, DEQModel
 
@@ -32,8 +32,13 @@ CONFIG = {"cell": "mlp", "in_features": 256, "hidden": 256, "out_features": 10}
 BATCH = 256
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def peak_allocated(events: list[tuple[int, int]]) -> int:
+    """High-water mark of a sequence of (time, +alloc / -free bytes) events."""
+    live = peak = 0
+    for _, nbytes in sorted(events):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def training_step(model: DEQModel, x: Tensor, mode: str, iterations: int) -> Tensor:
@@ -76,16 +81,20 @@ def measure(mode: str, iterations: int, device: str) -> dict[str, Any]:
         graph += t.numel() * t.element_size()
         return t
 
-    rss_before = peak_rss_bytes()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    activities = [ProfilerActivity.CPU]
+    with (
+        profile(activities=activities, profile_memory=True) as prof,
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
         training_step(model, x, mode, iterations)
-    return {
-        "mode": mode,
-        "iterations": iterations,
-        "graph_bytes": graph,
-        "peak_rss_growth_bytes": peak_rss_bytes() - rss_before,
-        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
-    }
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        events = prof.profiler.kineto_results.events()
+        peak = peak_allocated(
+            [(e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"]
+        )
+    return {"mode": mode, "iterations": iterations, "peak_bytes": peak, "graph_bytes": graph}
 
 
 def run_child(mode: str, iterations: int, device: str) -> dict[str, Any]:
@@ -98,8 +107,8 @@ def run_child(mode: str, iterations: int, device: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.2f}"
+def mib(n: int) -> str:
+    return f"{n / 2**20:.2f}"
 
 
 def main() -> None:
@@ -116,21 +125,18 @@ def main() -> None:
     print(
         f"one training step, mlp cell d={CONFIG['hidden']}, batch {BATCH}, float32, {args.device}"
     )
-    print("| backward | forward iterations | graph MiB | peak RSS growth MiB | CUDA peak MiB |")
-    print("|---|---|---|---|---|")
+    print("| backward | forward iterations | peak MiB | autograd graph MiB |")
+    print("|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['mode']} | {r['iterations']} | {mib(r['graph_bytes'])} | "
-            f"{mib(r['peak_rss_growth_bytes'])} | {mib(r['cuda_peak_bytes'])} |"
+            f"| {r['mode']} | {r['iterations']} | {mib(r['peak_bytes'])} | {mib(r['graph_bytes'])} |"
         )
     ratios = {}
     for mode in MODES:
         by_n = {r["iterations"]: r for r in rows if r["mode"] == mode}
-        key = "cuda_peak_bytes" if args.device == "cuda" else "graph_bytes"
-        ratios[mode] = by_n[ITERATIONS[-1]][key] / by_n[ITERATIONS[0]][key]
+        ratios[mode] = by_n[ITERATIONS[-1]]["peak_bytes"] / by_n[ITERATIONS[0]]["peak_bytes"]
         print(
-            f"{mode}: {key} at {ITERATIONS[-1]} / at {ITERATIONS[0]} iterations = "
-            f"{ratios[mode]:.2f}"
+            f"{mode}: peak at {ITERATIONS[-1]} / at {ITERATIONS[0]} iterations = {ratios[mode]:.2f}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {

@@ -162,3 +162,41 @@ def test_training_memory_does_not_grow_with_forward_iterations(gen):
         return total
 
     assert unrolled_bytes(200) > 10 * unrolled_bytes(10)  # the baseline really grows
+
+
+def peak_tensor_bytes_of_training_step(step) -> int:
+    """High-water mark of tensor memory allocated while `step()` runs (torch profiler events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def test_training_step_peak_memory_is_flat_in_forward_iterations_unlike_unrolled(gen):
+    model = make_model("mlp")
+    x = small_input("mlp", 64, gen)
+
+    def implicit(n: int) -> int:
+        def step() -> None:
+            y, _ = model(x, tol=1e-300, max_iter=n, method="picard")
+            y.sum().backward()
+
+        return peak_tensor_bytes_of_training_step(step)
+
+    def unrolled(n: int) -> int:
+        return peak_tensor_bytes_of_training_step(
+            lambda: unrolled_output(model, x, n).sum().backward()
+        )
+
+    assert implicit(200) <= 1.1 * implicit(10)
+    assert unrolled(200) > 3 * unrolled(10)
