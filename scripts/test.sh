@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 python -m pip install --quiet --disable-pip-version-check -e ".[server,dev]"
 
-ruff check .
-ruff format --check .
+python -m ruff check .
+python -m ruff format --check .
 python -m pytest -q -p no:cacheprovider "$@"
