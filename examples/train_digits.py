@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from deq_server.core import DEQModel, Status, load_checkpoint, save_checkpoint
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor
+
+from deq_server.core import DEQModel, Status, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "examples" / "digits_results.json"
