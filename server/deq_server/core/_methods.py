@@ -24,15 +24,6 @@ class Method(Protocol):
     def select(self, state: Any, keep: Tensor) -> Any: ...
 
 
-def _finite_rows(x: Tensor) -> Tensor:
-    return torch.isfinite(x).all(dim=1)
-
-
-def _plain_where_bad(z_next: Tensor, z: Tensor, g: Tensor, beta: float) -> Tensor:
-    """Safeguard: rows whose proposed step is not finite take a plain damped step instead."""
-    return torch.where(_finite_rows(z_next)[:, None], z_next, z + beta * g)
-
-
 @dataclass(frozen=True)
 class Picard:
     """Plain fixed-point iteration z <- z + damping * (f(z) - z)."""
@@ -47,7 +38,7 @@ class Picard:
         return None
 
     def step(self, state: None, z: Tensor, g: Tensor) -> Tensor:
-        return z + self.damping * g if self.damping != 1.0 else z + g
+        return torch.add(z, g, alpha=self.damping)
 
     def select(self, state: None, keep: Tensor) -> None:
         return None
@@ -228,7 +219,8 @@ class Broyden:
 
         z_next = z - self._apply(state.U, state.V, self._live(state, z.dtype), g)
         z_next = torch.where(retreat, z_back + g_back, z_next)
-        return _plain_where_bad(z_next, z, g, 1.0)
+        # A row whose quasi-Newton step is not finite takes a plain step instead.
+        return torch.where(torch.isfinite(z_next).all(dim=1, keepdim=True), z_next, z + g)
 
     def select(self, state: _BroydenState, keep: Tensor) -> _BroydenState:
         return state.select(keep)
