@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -181,17 +181,22 @@ class TiedMLPCell(nn.Module):
         self.sizes = list(sizes[1:])
         self.state_shape: tuple[int, ...] = (sum(self.sizes),)
 
+    @property
+    def layers(self) -> list[nn.Linear]:
+        """The MLP's Linear layers W_1 .. W_L, in order."""
+        return [cast(nn.Linear, lin) for lin in self.linears]
+
     def inject(self, x: Tensor) -> Tensor:
-        first = self.linears[0](x.flatten(1))
-        rest = [lin.bias.expand(x.shape[0], -1) for lin in self.linears[1:]]
-        return torch.cat([first, *rest], dim=1)
+        first, *later = self.layers
+        rest = [lin.bias.expand(x.shape[0], -1) for lin in later]
+        return torch.cat([first(x.flatten(1)), *rest], dim=1)
 
     def cell(self, z: Tensor, inj: Tensor) -> Tensor:
         blocks = z.split(self.sizes, dim=1)
         injs = inj.split(self.sizes, dim=1)
         out = [self.acts[0](injs[0])]
         for lin, act, prev, b in zip(
-            self.linears[1:], self.acts[1:], blocks[:-1], injs[1:], strict=True
+            self.layers[1:], self.acts[1:], blocks[:-1], injs[1:], strict=True
         ):
             out.append(act(F.linear(prev, lin.weight) + b))
         return torch.cat(out, dim=1)
@@ -203,17 +208,17 @@ class TiedMLPCell(nn.Module):
     def W_z(self) -> Tensor:
         """The dense block sub-diagonal state matrix (for inspection; the cell never builds it)."""
         n = self.state_shape[0]
-        ref = self.linears[0].weight
-        w = ref.new_zeros(n, n)
+        layers = self.layers
+        w = layers[0].weight.new_zeros(n, n)
         offsets = [0, *torch.tensor(self.sizes).cumsum(0).tolist()]
-        for k, lin in enumerate(self.linears[1:], start=1):
+        for k, lin in enumerate(layers[1:], start=1):
             w[offsets[k] : offsets[k + 1], offsets[k - 1] : offsets[k]] = lin.weight
         return w
 
     @property
     def U(self) -> Tensor:
         """The dense input matrix [W_1; 0; ...; 0]."""
-        w1 = self.linears[0].weight
+        w1 = self.layers[0].weight
         return torch.cat([w1, w1.new_zeros(self.state_shape[0] - w1.shape[0], w1.shape[1])])
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+from typing import cast
 
 import torch
 from torch import nn
 
 from ._activations import activation_name
+from ._cells import TiedMLPCell
 from ._model import DEQModel
 
 
@@ -54,7 +56,7 @@ def mlp_to_deq(mlp: nn.Sequential) -> DEQModel:
             "backward": {"mode": "ift", **exact},
         }
     ).to(dtype=ref.dtype, device=ref.device)
-    for dst, src in zip(model.layer.linears, linears, strict=True):
+    for dst, src in zip(cast(TiedMLPCell, model.layer).layers, linears, strict=True):
         dst.weight.data.copy_(src.weight.data)
         dst.bias.data.copy_(src.bias.data)
     return model

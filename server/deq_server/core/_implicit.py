@@ -46,7 +46,7 @@ class IFT:
 
     def _backward_hook(
         self, f_star: Tensor, z_star: Tensor, result: SolveResult
-    ) -> Callable[[Tensor], Tensor]:
+    ) -> Callable[[Tensor | None], Tensor | None]:
         def vjp(rows_g: Tensor, rows_v: Tensor, rows: Tensor) -> Tensor:
             # J^T is block-diagonal over samples: pad retired rows with zeros, take one VJP.
             full = torch.zeros_like(f_star).index_copy_(0, rows, rows_g)

@@ -144,6 +144,8 @@ def solve(
     if stop_mode not in STOP_MODES:
         raise ValueError(f"unknown stop_mode {stop_mode!r}; expected one of {list(STOP_MODES)}")
     step_fn = make_method(method, **options)
+    if not z0.is_floating_point() or z0.dim() == 0:
+        raise ValueError(f"z0 must be a floating tensor with a batch dimension, got {z0.dtype}")
     batch, shape = z0.shape[0], z0.shape[1:]
     width = shape.numel()
     device, dtype = z0.device, z0.dtype
