@@ -11,4 +11,5 @@ python -m pip install --quiet --disable-pip-version-check -e ".[server,dev]"
 
 python -m ruff check .
 python -m ruff format --check .
+python -m mypy server/deq_server/core
 python -m pytest -q -p no:cacheprovider "$@"
