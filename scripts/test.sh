@@ -9,6 +9,11 @@ cd "$(dirname "$0")/.."
 python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 python -m pip install --quiet --disable-pip-version-check -e ".[server,dev]"
 
+# buf (the proto linter) ships in the npm package @bufbuild/buf; kept out of the tree in .tools/.
+npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0 > /dev/null
+.tools/node_modules/.bin/buf lint
+./scripts/gen_protos.sh --check
+
 python -m ruff check .
 python -m ruff format --check .
 python -m mypy server/deq_server/core
