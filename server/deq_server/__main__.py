@@ -1,5 +1,5 @@
-"""`python -m deq_server`: today the bundled-model demo; the gRPC server will take this entry."""
+"""`python -m deq_server`: the gRPC server (same as `deq-server`)."""
 
-from deq_server.demo import main
+from deq_server.serving.app import main
 
 main()

@@ -88,6 +88,8 @@ class MLPCell(nn.Module):
         # init_scale is W's initial spectral norm: gaussian n x n with std s/(2 sqrt(n)) has about s.
         nn.init.normal_(self.W.weight, std=c["init_scale"] / (2 * math.sqrt(c["hidden"])))
         _normalise(self.W, c["norm"], c["max_norm"])
+        self.input_shape: tuple[int, ...] = (c["in_features"],)
+        self.output_shape: tuple[int, ...] = (c["out_features"],)
         self.state_shape: tuple[int, ...] = (c["hidden"],)
 
     def inject(self, x: Tensor) -> Tensor:
@@ -142,6 +144,8 @@ class ConvCell(nn.Module):
         self.out = nn.Linear(ch, c["out_features"])
         for conv in (self.conv1, self.conv2):
             _normalise(conv, c["norm"], c["max_norm"])
+        self.input_shape: tuple[int, ...] = self.in_shape
+        self.output_shape: tuple[int, ...] = (c["out_features"],)
         self.state_shape: tuple[int, ...] = (ch, c["height"], c["width"])
 
     def inject(self, x: Tensor) -> Tensor:
@@ -179,6 +183,8 @@ class TiedMLPCell(nn.Module):
         self.acts = [activation(a) for a in acts]
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
         self.sizes = list(sizes[1:])
+        self.input_shape: tuple[int, ...] = (sizes[0],)
+        self.output_shape: tuple[int, ...] = (sizes[-1],)
         self.state_shape: tuple[int, ...] = (sum(self.sizes),)
 
     @property

@@ -75,7 +75,18 @@ class DEQModel(nn.Module):
         return copy.deepcopy(self._config)
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input sample (the batch dimension excluded)."""
+        return self.layer.input_shape
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """Shape of one output sample."""
+        return self.layer.output_shape
+
+    @property
     def state_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's fixed-point state."""
         return self.layer.state_shape
 
     def inject(self, x: Tensor) -> Tensor:

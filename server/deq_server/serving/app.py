@@ -1,0 +1,130 @@
+"""Build, run and drain the server: `deq-server` (also `python -m deq_server`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from deq_client.pb.deq.v1 import deq_pb2, deq_pb2_grpc
+
+from .config import ServerConfig, parse_config
+from .metrics import GrpcMetricsInterceptor, Metrics
+from .registry import Registry, resolve_device
+from .scheduler import RequestScheduler, Scheduler
+from .servicer import DEQServicer
+
+log = logging.getLogger("deq_server")
+SERVICE_NAMES = (
+    deq_pb2.DESCRIPTOR.services_by_name["DEQService"].full_name,
+    health.SERVICE_NAME,
+    reflection.SERVICE_NAME,
+)
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class RunningServer:
+    """A started server: its bound ports and the parts a shutdown needs."""
+
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int | None
+    health: health.aio.HealthServicer
+    registry: Registry
+    scheduler: Scheduler
+    metrics: Metrics
+    _metrics_http: Any = None
+
+    async def stop(self, grace: float) -> None:
+        """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.scheduler.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    """Load the models, then start gRPC (health SERVING only once loaded) and /metrics."""
+    metrics = Metrics()
+    registry = Registry(resolve_device(config.device), getattr(torch, config.dtype))
+    registry.load_all(config.model_dir)
+    for name, served in registry.models.items():
+        for version in served.versions:
+            metrics.model_info.labels(name, version, str(registry.device)).set(1)
+    scheduler = RequestScheduler(workers=config.workers)
+
+    limits = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+    server = grpc.aio.server(
+        interceptors=[GrpcMetricsInterceptor(metrics.registry)], options=limits
+    )
+    deq_pb2_grpc.add_DEQServiceServicer_to_server(
+        DEQServicer(registry, scheduler, metrics, config), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(SERVICE_NAMES, server)
+    port = server.add_insecure_port(config.address)
+    await server.start()
+
+    metrics_http, metrics_port = None, None
+    if config.metrics_address:
+        host, wanted = _split(config.metrics_address)
+        metrics_http, _ = start_http_server(wanted, host, registry=metrics.registry)
+        metrics_port = metrics_http.server_port
+    for service in ("", SERVICE_NAMES[0]):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s on port %d (metrics %s)", sorted(registry.models), port, metrics_port)
+    return RunningServer(
+        server, port, metrics_port, health_servicer, registry, scheduler, metrics, metrics_http
+    )
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM/SIGINT, then drain within the grace period."""
+    running = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining (grace %.1fs)", config.grace_seconds)
+    await running.stop(config.grace_seconds)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_config(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    asyncio.run(serve(config))

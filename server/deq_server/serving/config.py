@@ -1,0 +1,71 @@
+"""Server configuration: one way to set it, CLI flags each mirrored by a DEQ_* variable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server reads at start. Defaults serve the bundled demo on loopback."""
+
+    address: str = "127.0.0.1:50051"
+    metrics_address: str = "127.0.0.1:9090"
+    model_dir: Path | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    max_message_bytes: int = 64 * 2**20
+    max_batch: int = 1024
+    max_iter_cap: int = 1000
+    min_tol: float = 1e-10
+    workers: int = 1
+    grace_seconds: float = 10.0
+    log_format: str = "text"
+
+
+_HELP = {
+    "address": "gRPC listen address HOST:PORT (port 0 picks a free one)",
+    "metrics_address": "Prometheus /metrics listen address HOST:PORT (empty disables it)",
+    "model_dir": "folder of .safetensors checkpoints; with none there, the bundled demo is served",
+    "device": "auto (CUDA when available, else CPU), cpu, cuda or cuda:N",
+    "dtype": "float32 or float64 for the served weights",
+    "max_message_bytes": "largest gRPC message accepted or sent",
+    "max_batch": "largest batch one request may carry",
+    "max_iter_cap": "largest max_iter a request may ask for",
+    "min_tol": "smallest tolerance a request may ask for",
+    "workers": "solver threads (solver work never runs on the event loop)",
+    "grace_seconds": "how long in-flight calls may finish after SIGTERM",
+    "log_format": "text or json",
+}
+_CHOICES = {"dtype": ["float32", "float64"], "log_format": ["text", "json"]}
+
+
+def env_name(field: str) -> str:
+    return "DEQ_" + field.upper()
+
+
+def parse_config(
+    argv: Sequence[str] | None = None, env: dict[str, str] | None = None
+) -> ServerConfig:
+    """Flags win over DEQ_* environment variables, which win over the defaults."""
+    env = dict(os.environ if env is None else env)
+    defaults = ServerConfig()
+    parser = argparse.ArgumentParser(prog="deq-server", description="Serve DEQ models over gRPC.")
+    for f in fields(ServerConfig):
+        default = getattr(defaults, f.name)
+        kind = type(default) if default is not None else Path
+        raw = env.get(env_name(f.name))
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=kind,
+            default=kind(raw) if raw is not None else default,
+            choices=_CHOICES.get(f.name),
+            help=f"{_HELP[f.name]} (env {env_name(f.name)})",
+        )
+    args = parser.parse_args(argv)
+    return ServerConfig(**vars(args))

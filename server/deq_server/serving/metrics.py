@@ -1,0 +1,258 @@
+"""Prometheus metrics (names and labels fixed in DESIGN.md), one registry per server.
+
+Facts are recorded where they are born: per-sample iterations, residuals and statuses when a solve
+returns, request outcomes when the response (or error) leaves. `GrpcMetricsInterceptor` adds the
+go-grpc-prometheus series for every RPC kind, streams included.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from torch import Tensor
+
+from deq_server.core import SolveResult, Status
+
+SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ITERATIONS = (
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    8,
+    10,
+    12,
+    15,
+    20,
+    25,
+    30,
+    40,
+    50,
+    75,
+    100,
+    150,
+    200,
+    300,
+    500,
+    1000,
+)
+RESIDUALS = tuple(10.0**e for e in range(-12, 3))
+BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """Every series the service exports, on a private registry (several servers per process)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.requests = Counter(
+            "deq_inference_requests",
+            "Inference requests by outcome.",
+            ["model", "code"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "deq_inference_request_duration_seconds",
+            "Inference request latency.",
+            ["model"],
+            buckets=SECONDS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "deq_inference_queue_duration_seconds",
+            "Time requests wait for the solver.",
+            ["model"],
+            buckets=SECONDS,
+            registry=r,
+        )
+        self.iterations = Histogram(
+            "deq_solver_iterations",
+            "Cell evaluations per sample to leave the solver.",
+            ["model", "method", "phase"],
+            buckets=ITERATIONS,
+            registry=r,
+        )
+        self.residual = Histogram(
+            "deq_solver_residual",
+            "Final residual per sample.",
+            ["model", "phase"],
+            buckets=RESIDUALS,
+            registry=r,
+        )
+        self.samples = Counter(
+            "deq_solver_samples",
+            "Samples leaving the solver, by status.",
+            ["model", "status"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "deq_batch_size", "Samples per solver batch.", ["model"], buckets=BATCH, registry=r
+        )
+        self.pending = Gauge(
+            "deq_inference_pending_requests",
+            "Requests waiting for or in the solver.",
+            ["model"],
+            registry=r,
+        )
+        self.train_steps = Counter(
+            "deq_train_steps", "Optimizer steps taken by training sessions.", ["model"], registry=r
+        )
+        self.train_loss = Gauge("deq_train_loss", "Loss of the latest step.", ["model"], registry=r)
+        self.train_sessions = Gauge(
+            "deq_train_sessions_active", "Training sessions in progress.", registry=r
+        )
+        self.model_info = Gauge(
+            "deq_model_info",
+            "Served model versions (value 1).",
+            ["model", "version", "device"],
+            registry=r,
+        )
+
+    def record_solve(self, model: str, method: str, phase: str, result: SolveResult) -> None:
+        """Per-sample facts of one solve (forward or backward)."""
+        iterations = self.iterations.labels(model, method, phase)
+        for n in result.iterations.tolist():
+            iterations.observe(n)
+        residual = self.residual.labels(model, phase)
+        for value in result.residual.tolist():
+            residual.observe(value)
+        if phase == "forward":
+            self.batch_size.labels(model).observe(result.status.numel())
+            counts = _bincount(result.status)
+            for status in Status:
+                if counts.get(int(status)):
+                    self.samples.labels(model, status.name).inc(counts[int(status)])
+
+
+def _bincount(status: Tensor) -> dict[int, int]:
+    values, counts = status.cpu().unique(return_counts=True)
+    return dict(zip(values.tolist(), counts.tolist(), strict=True))
+
+
+class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """grpc_server_started_total, grpc_server_handled_total{grpc_code} and
+    grpc_server_handling_seconds for unary and streaming RPCs alike."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter("grpc_server_started", "RPCs started.", labels, registry=registry)
+        self.handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed, by code.",
+            [*labels, "grpc_code"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "RPC handling time.",
+            labels,
+            buckets=SECONDS,
+            registry=registry,
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        if handler.request_streaming and handler.response_streaming:
+            kind, behaviour, factory = (
+                "bidi_stream",
+                handler.stream_stream,
+                grpc.stream_stream_rpc_method_handler,
+            )
+        elif handler.request_streaming:
+            kind, behaviour, factory = (
+                "client_stream",
+                handler.stream_unary,
+                grpc.stream_unary_rpc_method_handler,
+            )
+        elif handler.response_streaming:
+            kind, behaviour, factory = (
+                "server_stream",
+                handler.unary_stream,
+                grpc.unary_stream_rpc_method_handler,
+            )
+        else:
+            kind, behaviour, factory = (
+                "unary",
+                handler.unary_unary,
+                grpc.unary_unary_rpc_method_handler,
+            )
+        labels = (kind, service, method)
+        wrapped = (
+            self._wrap_stream(behaviour, labels)
+            if handler.response_streaming
+            else self._wrap_unary(behaviour, labels)
+        )
+        return factory(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _finish(self, labels: tuple[str, str, str], start: float, code: str) -> None:
+        self.handled.labels(*labels, code).inc()
+        self.seconds.labels(*labels).observe(time.perf_counter() - start)
+
+    def _wrap_unary(self, behaviour: Any, labels: tuple[str, str, str]) -> Any:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self.started.labels(*labels).inc()
+            start, failed = time.perf_counter(), None
+            try:
+                return await behaviour(request, context)
+            except BaseException as exc:
+                failed = exc
+                raise
+            finally:
+                self._finish(labels, start, _code(context, failed))
+
+        return unary
+
+    def _wrap_stream(self, behaviour: Any, labels: tuple[str, str, str]) -> Any:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            self.started.labels(*labels).inc()
+            start, failed = time.perf_counter(), None
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            except BaseException as exc:
+                failed = exc
+                raise
+            finally:
+                self._finish(labels, start, _code(context, failed))
+
+        return stream
+
+
+def _code(context: grpc.aio.ServicerContext, failed: BaseException | None) -> str:
+    """The status name an RPC ended with."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if failed is None:
+        return "OK"
+    if isinstance(failed, BaseException) and type(failed).__name__ == "CancelledError":
+        return "CANCELLED"
+    return "UNKNOWN"

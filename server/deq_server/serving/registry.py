@@ -1,0 +1,112 @@
+"""Served models and their published versions, loaded from the model directory at start.
+
+Layout of the model directory: `<name>.safetensors` is version 1 of `<name>`; `<name>/<N>.safetensors`
+is version N. With no checkpoint there (or no directory), the bundled demo models are served.
+A checkpoint that fails to load is logged and skipped: the other models keep serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deq_server.core import DEQModel, load_checkpoint
+from deq_server.models import bundled_checkpoints
+
+from .errors import NotFoundError
+
+log = logging.getLogger("deq_server.registry")
+_VERSION_FILE = re.compile(r"^(\d+)\.safetensors$")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class ModelVersion:
+    """One published version: an eval-mode model on the serving device."""
+
+    version: str
+    model: DEQModel
+    path: Path
+
+
+@dataclass
+class ServedModel:
+    """A model name and its published versions (keys are decimal version numbers)."""
+
+    name: str
+    versions: dict[str, ModelVersion] = field(default_factory=dict)
+    training: bool = False
+
+    @property
+    def latest(self) -> ModelVersion:
+        return self.versions[max(self.versions, key=int)]
+
+    def ordered_versions(self) -> list[str]:
+        return sorted(self.versions, key=int)
+
+
+def discover(model_dir: Path | None) -> dict[str, dict[str, Path]]:
+    """name -> version -> checkpoint path, from the directory layout above."""
+    found: dict[str, dict[str, Path]] = {}
+    if model_dir is None or not model_dir.is_dir():
+        return found
+    for path in sorted(model_dir.glob("*.safetensors")):
+        found.setdefault(path.stem, {})["1"] = path
+    for folder in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+        for path in sorted(folder.iterdir()):
+            match = _VERSION_FILE.match(path.name)
+            if match and path.is_file():
+                found.setdefault(folder.name, {})[str(int(match.group(1)))] = path
+    return found
+
+
+class Registry:
+    """Name -> ServedModel, on one device and dtype."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.models: dict[str, ServedModel] = {}
+
+    def add(self, name: str, version: str, path: Path) -> ModelVersion:
+        model = load_checkpoint(path).to(device=self.device, dtype=self.dtype).eval()
+        entry = ModelVersion(version=version, model=model, path=path)
+        self.models.setdefault(name, ServedModel(name)).versions[version] = entry
+        return entry
+
+    def load_all(self, model_dir: Path | None) -> None:
+        """Load every checkpoint of the directory, or the bundled demos when it holds none."""
+        found = discover(model_dir)
+        if not found:
+            found = {name: {"1": path} for name, path in bundled_checkpoints().items()}
+            log.info("no checkpoint in %s: serving the bundled models %s", model_dir, sorted(found))
+        for name, versions in found.items():
+            for version, path in versions.items():
+                try:
+                    self.add(name, version, path)
+                except (ValueError, OSError) as exc:
+                    log.error("skipping %s: %s", path, exc)
+
+    def resolve(self, name: str, version: str = "") -> tuple[ServedModel, ModelVersion]:
+        """The model and the requested (or latest) version; NOT_FOUND names what is missing."""
+        served = self.models.get(name)
+        if served is None:
+            raise NotFoundError(f"model {name!r} is not served; models: {sorted(self.models)}")
+        if not version:
+            return served, served.latest
+        entry = served.versions.get(version)
+        if entry is None:
+            raise NotFoundError(
+                f"model {name!r} has no version {version!r}; versions: {served.ordered_versions()}"
+            )
+        return served, entry

@@ -1,0 +1,206 @@
+"""`deq.v1.DEQService`: thin handlers that decode, call the scheduler and encode.
+
+Train, LoadModel and UnloadModel are not served yet (UNIMPLEMENTED from the generated base).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import torch
+
+from deq_client.pb.deq.v1 import deq_pb2 as pb
+from deq_client.pb.deq.v1 import deq_pb2_grpc
+from deq_server.core import Status
+
+from . import tensors, validate
+from .config import ServerConfig
+from .errors import DeadlineExceededError, code_of, status_of, unary
+from .metrics import Metrics
+from .registry import Registry, ServedModel
+from .scheduler import Scheduler, SolveJob
+
+# Stop this long before the caller's deadline so that a partial answer can still reach it.
+DEADLINE_MARGIN_S = 0.005
+
+
+def model_info(served: ServedModel, device: str) -> pb.ModelInfo:
+    latest = served.latest.model
+    config = latest.config
+    solver = config["solver"]
+    defaults = pb.SolverOptions(
+        tol=solver["tol"],
+        max_iter=solver["max_iter"],
+        method=next(k for k, v in validate.METHODS.items() if v == solver["method"]),
+        stop_mode=next(k for k, v in validate.STOP_MODES.items() if v == solver["stop_mode"]),
+    )
+    return pb.ModelInfo(
+        name=served.name,
+        versions=served.ordered_versions(),
+        latest_version=served.latest.version,
+        config_json=json.dumps(config, sort_keys=True),
+        input_shape=list(latest.input_shape),
+        output_shape=list(latest.output_shape),
+        state_shape=list(latest.state_shape),
+        solver_defaults=defaults,
+        device=device,
+        dtype=tensors.wire_dtype(next(latest.parameters()).dtype),
+        training=served.training,
+    )
+
+
+class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
+    """Infer, InferStream, ListModels and GetModel over the registry and the scheduler."""
+
+    def __init__(
+        self, registry: Registry, scheduler: Scheduler, metrics: Metrics, config: ServerConfig
+    ) -> None:
+        self.registry = registry
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.config = config
+
+    async def infer(
+        self, request: pb.InferRequest, time_remaining: float | None
+    ) -> pb.InferResponse:
+        """One Infer, independent of the RPC shape (unary or a stream item)."""
+        received = time.monotonic()
+        name = request.model
+        _, version = self.registry.resolve(name, request.version)
+        model = version.model
+        x, z0 = validate.model_inputs(request, model, self.config)
+        solver = validate.solver_options(request.solver, x.shape[0], self.config)
+        device, dtype = self.registry.device, self.registry.dtype
+        if isinstance(solver.get("tol"), torch.Tensor):
+            solver["tol"] = solver["tol"].to(device=device, dtype=dtype)
+        deadline = None
+        if time_remaining is not None:
+            deadline = received + max(time_remaining - DEADLINE_MARGIN_S, 0.0)
+        budget = None
+        if request.solver.HasField("budget_ms"):
+            budget = received + request.solver.budget_ms / 1e3
+        job = SolveJob(
+            model=model,
+            x=x.to(device=device, dtype=dtype),
+            solver=solver,
+            z0=None if z0 is None else z0.to(device=device, dtype=dtype),
+            deadline=deadline,
+            budget_deadline=budget,
+            submitted=received,
+        )
+        gauge = self.metrics.pending.labels(name)
+        gauge.inc()
+        try:
+            outcome = await self.scheduler.submit(job)
+        except asyncio.CancelledError:
+            job.cancelled.set()  # the caller left: stop the solve within one iteration
+            raise
+        finally:
+            gauge.dec()
+        result = outcome.result
+        method = solver.get("method", model.config["solver"]["method"])
+        self.metrics.record_solve(name, method, "forward", result)
+        self.metrics.queue_seconds.labels(name).observe(outcome.queue_seconds)
+        hit_deadline = deadline is not None and time.monotonic() >= deadline
+        partial = bool((result.status == Status.DEADLINE).any())
+        if hit_deadline and partial and not request.solver.allow_partial:
+            raise DeadlineExceededError(
+                "deadline reached before every sample converged; set allow_partial for the "
+                "best iterates with status DEADLINE"
+            )
+        response = pb.InferResponse(
+            output=tensors.encode(outcome.y),
+            iterations=result.iterations.tolist(),
+            residual=result.residual.double().tolist(),
+            status=result.status.tolist(),
+            model_version=version.version,
+            timings=pb.Timings(
+                queue_seconds=outcome.queue_seconds,
+                solve_seconds=outcome.solve_seconds,
+                total_seconds=time.monotonic() - received,
+            ),
+        )
+        if request.return_state:
+            response.state.CopyFrom(tensors.encode(result.z))
+        return response
+
+    def _count(self, model: str, code: grpc.StatusCode, seconds: float) -> None:
+        self.metrics.requests.labels(model, code.name).inc()
+        self.metrics.request_seconds.labels(model).observe(seconds)
+
+    @unary
+    async def Infer(
+        self, request: pb.InferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InferResponse:
+        start, code = time.monotonic(), grpc.StatusCode.OK
+        try:
+            return await self.infer(request, context.time_remaining())
+        except BaseException as exc:
+            code = code_of(exc)
+            raise
+        finally:
+            self._count(request.model, code, time.monotonic() - start)
+
+    async def InferStream(
+        self,
+        request_iterator: AsyncIterator[pb.InferStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.InferStreamResponse]:
+        """Requests are solved concurrently; each response carries its request id."""
+        done: asyncio.Queue[pb.InferStreamResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer(item: pb.InferStreamRequest) -> None:
+            start = time.monotonic()
+            model = item.request.model
+            try:
+                response = await self.infer(item.request, context.time_remaining())
+            except Exception as exc:
+                code, message = status_of(exc)
+                self._count(model, code, time.monotonic() - start)
+                await done.put(
+                    pb.InferStreamResponse(
+                        request_id=item.request_id, error_code=code.value[0], error_message=message
+                    )
+                )
+                return
+            self._count(model, grpc.StatusCode.OK, time.monotonic() - start)
+            await done.put(pb.InferStreamResponse(request_id=item.request_id, response=response))
+
+        async def read() -> None:
+            async for item in request_iterator:
+                task = asyncio.create_task(answer(item))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks))
+            await done.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (message := await done.get()) is not None:
+                yield message
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    @unary
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        device = str(self.registry.device)
+        models = [model_info(m, device) for _, m in sorted(self.registry.models.items())]
+        return pb.ListModelsResponse(models=models)
+
+    @unary
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelResponse:
+        served, _ = self.registry.resolve(request.name)
+        return pb.GetModelResponse(model=model_info(served, str(self.registry.device)))

@@ -1,0 +1,94 @@
+"""Request checks that run before any allocation; each failure names the field and expectation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from deq_client.pb.deq.v1 import deq_pb2 as pb
+from deq_server.core import DEQModel
+
+from . import tensors
+from .config import ServerConfig
+from .errors import invalid
+
+METHODS = {
+    pb.SOLVER_METHOD_PICARD: "picard",
+    pb.SOLVER_METHOD_ANDERSON: "anderson",
+    pb.SOLVER_METHOD_BROYDEN: "broyden",
+}
+STOP_MODES = {pb.STOP_MODE_ABS: "abs", pb.STOP_MODE_REL: "rel"}
+
+
+def _check_tol(field: str, value: float, floor: float) -> None:
+    if not math.isfinite(value) or value <= 0:
+        raise invalid(field, "a finite number > 0", value)
+    if value < floor:
+        raise invalid(field, f">= the server's floor {floor:g}", value)
+
+
+def solver_options(opts: pb.SolverOptions, batch: int, config: ServerConfig) -> dict[str, Any]:
+    """Per-call solver keyword arguments for `DEQModel.__call__` (unset = model default)."""
+    out: dict[str, Any] = {}
+    if opts.sample_tol:
+        if len(opts.sample_tol) != batch:
+            raise invalid(
+                "solver.sample_tol", f"{batch} values (one per sample)", len(opts.sample_tol)
+            )
+        for i, value in enumerate(opts.sample_tol):
+            _check_tol(f"solver.sample_tol[{i}]", value, config.min_tol)
+        out["tol"] = torch.tensor(list(opts.sample_tol), dtype=torch.float64)
+    elif opts.HasField("tol"):
+        _check_tol("solver.tol", opts.tol, config.min_tol)
+        out["tol"] = opts.tol
+    if opts.HasField("max_iter"):
+        if not 1 <= opts.max_iter <= config.max_iter_cap:
+            raise invalid("solver.max_iter", f"1..{config.max_iter_cap}", opts.max_iter)
+        out["max_iter"] = opts.max_iter
+    if opts.method != pb.SOLVER_METHOD_UNSPECIFIED:
+        if opts.method not in METHODS:
+            raise invalid("solver.method", f"one of {sorted(METHODS.values())}", opts.method)
+        out["method"] = METHODS[opts.method]
+    if opts.stop_mode != pb.STOP_MODE_UNSPECIFIED:
+        if opts.stop_mode not in STOP_MODES:
+            raise invalid(
+                "solver.stop_mode", f"one of {sorted(STOP_MODES.values())}", opts.stop_mode
+            )
+        out["stop_mode"] = STOP_MODES[opts.stop_mode]
+    if opts.HasField("budget_ms") and not (math.isfinite(opts.budget_ms) and opts.budget_ms > 0):
+        raise invalid("solver.budget_ms", "a finite number > 0", opts.budget_ms)
+    return out
+
+
+def batch_tensor(
+    t: pb.Tensor, field: str, sample_shape: tuple[int, ...], config: ServerConfig
+) -> torch.Tensor:
+    """A float batch shaped (B, *sample_shape), 1 <= B <= max_batch, all finite."""
+    if not t.shape:
+        raise invalid(field, f"a tensor shaped [B, {', '.join(map(str, sample_shape))}]", "nothing")
+    x = tensors.decode(t, field, max_elements=config.max_batch * math.prod(sample_shape))
+    if tuple(x.shape[1:]) != sample_shape:
+        expected = f"shape [B, {', '.join(map(str, sample_shape))}]"
+        raise invalid(f"{field}.shape", expected, list(x.shape))
+    if not 1 <= x.shape[0] <= config.max_batch:
+        raise invalid(f"{field}.shape[0]", f"a batch of 1..{config.max_batch}", x.shape[0])
+    if not x.is_floating_point():
+        raise invalid(f"{field}.dtype", "a floating type", t.dtype)
+    if not bool(torch.isfinite(x).all()):
+        raise invalid(f"{field}.data", "finite values", "NaN or Inf")
+    return x
+
+
+def model_inputs(
+    request: pb.InferRequest, model: DEQModel, config: ServerConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The request's input batch and optional warm start, checked against the model."""
+    x = batch_tensor(request.input, "input", model.input_shape, config)
+    z0 = None
+    if request.HasField("initial_state") and request.initial_state.shape:
+        z0 = batch_tensor(request.initial_state, "initial_state", model.state_shape, config)
+        if z0.shape[0] != x.shape[0]:
+            raise invalid("initial_state.shape[0]", f"the input's batch {x.shape[0]}", z0.shape[0])
+    return x, z0
