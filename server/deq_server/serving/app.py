@@ -18,9 +18,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from deq_client.pb.deq.v1 import deq_pb2, deq_pb2_grpc
+from deq_client.pb.inference import grpc_service_pb2 as oip_pb2
+from deq_client.pb.inference import grpc_service_pb2_grpc as oip_grpc
 
 from .config import ServerConfig, parse_config
 from .metrics import GrpcMetricsInterceptor, Metrics
+from .oip import OIPServicer
 from .registry import Registry, resolve_device
 from .scheduler import RequestScheduler, Scheduler
 from .servicer import DEQServicer
@@ -28,6 +31,7 @@ from .servicer import DEQServicer
 log = logging.getLogger("deq_server")
 SERVICE_NAMES = (
     deq_pb2.DESCRIPTOR.services_by_name["DEQService"].full_name,
+    oip_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
     health.SERVICE_NAME,
     reflection.SERVICE_NAME,
 )
@@ -77,11 +81,13 @@ async def start_server(config: ServerConfig) -> RunningServer:
     server = grpc.aio.server(
         interceptors=[GrpcMetricsInterceptor(metrics.registry)], options=limits
     )
-    deq_pb2_grpc.add_DEQServiceServicer_to_server(
-        DEQServicer(registry, scheduler, metrics, config), server
-    )
+    deq = DEQServicer(registry, scheduler, metrics, config)
+    deq_pb2_grpc.add_DEQServiceServicer_to_server(deq, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+        OIPServicer(deq, registry, health_servicer), server
+    )
     reflection.enable_server_reflection(SERVICE_NAMES, server)
     port = server.add_insecure_port(config.address)
     await server.start()
@@ -91,7 +97,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         host, wanted = _split(config.metrics_address)
         metrics_http, _ = start_http_server(wanted, host, registry=metrics.registry)
         metrics_port = metrics_http.server_port
-    for service in ("", SERVICE_NAMES[0]):
+    for service in ("", *SERVICE_NAMES[:2]):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on port %d (metrics %s)", sorted(registry.models), port, metrics_port)
     return RunningServer(

@@ -132,18 +132,24 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         self.metrics.requests.labels(model, code.name).inc()
         self.metrics.request_seconds.labels(model).observe(seconds)
 
-    @unary
-    async def Infer(
-        self, request: pb.InferRequest, context: grpc.aio.ServicerContext
+    async def infer_counted(
+        self, request: pb.InferRequest, time_remaining: float | None
     ) -> pb.InferResponse:
+        """`infer` plus the request counter and latency histogram, for every protocol."""
         start, code = time.monotonic(), grpc.StatusCode.OK
         try:
-            return await self.infer(request, context.time_remaining())
+            return await self.infer(request, time_remaining)
         except BaseException as exc:
             code = code_of(exc)
             raise
         finally:
             self._count(request.model, code, time.monotonic() - start)
+
+    @unary
+    async def Infer(
+        self, request: pb.InferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InferResponse:
+        return await self.infer_counted(request, context.time_remaining())
 
     async def InferStream(
         self,
@@ -155,20 +161,16 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         tasks: set[asyncio.Task[None]] = set()
 
         async def answer(item: pb.InferStreamRequest) -> None:
-            start = time.monotonic()
-            model = item.request.model
             try:
-                response = await self.infer(item.request, context.time_remaining())
+                response = await self.infer_counted(item.request, context.time_remaining())
             except Exception as exc:
                 code, message = status_of(exc)
-                self._count(model, code, time.monotonic() - start)
                 await done.put(
                     pb.InferStreamResponse(
                         request_id=item.request_id, error_code=code.value[0], error_message=message
                     )
                 )
                 return
-            self._count(model, grpc.StatusCode.OK, time.monotonic() - start)
             await done.put(pb.InferStreamResponse(request_id=item.request_id, response=response))
 
         async def read() -> None:

@@ -1,0 +1,186 @@
+"""`inference.GRPCInferenceService`: the KServe v2 / Open Inference Protocol over the same solver.
+
+ModelInfer is translated into a `deq.v1.InferRequest` and answered by `DEQServicer`, so both
+protocols share validation, scheduling and metrics. Solver options travel in the request
+`parameters` (tol, max_iter, method, stop_mode, allow_partial); besides `output`, the response
+carries per-sample `iterations` (INT64), `residual` (FP64) and `status` (INT32, the SampleStatus
+numbers) as extra outputs. Inputs may come as raw_input_contents or typed contents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2
+
+from deq_client.pb.deq.v1 import deq_pb2 as pb
+from deq_client.pb.inference import grpc_service_pb2 as oip
+from deq_client.pb.inference import grpc_service_pb2_grpc as oip_grpc
+from deq_server import __version__
+
+from .errors import invalid, unary
+from .registry import Registry
+from .servicer import DEQServicer, model_info
+from .validate import METHODS, STOP_MODES
+
+_WIRE = {"FP32": (pb.DATA_TYPE_FLOAT32, "<f4"), "FP64": (pb.DATA_TYPE_FLOAT64, "<f8")}
+_METHOD_CODES = {name: code for code, name in METHODS.items()}
+_STOP_CODES = {name: code for code, name in STOP_MODES.items()}
+
+
+def _value(p: oip.InferParameter) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(p, kind)
+
+
+def solver_from_parameters(params: Any) -> pb.SolverOptions:
+    """SolverOptions from the request parameters; unknown keys are refused by name."""
+    opts = pb.SolverOptions()
+    for key, param in params.items():
+        value = _value(param)
+        if key == "tol":
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise invalid("parameters.tol", "a number", value)
+            opts.tol = float(value)
+        elif key == "max_iter":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise invalid("parameters.max_iter", "an integer >= 1", value)
+            opts.max_iter = value
+        elif key == "method":
+            if value not in _METHOD_CODES:
+                raise invalid("parameters.method", f"one of {sorted(_METHOD_CODES)}", value)
+            opts.method = _METHOD_CODES[value]
+        elif key == "stop_mode":
+            if value not in _STOP_CODES:
+                raise invalid("parameters.stop_mode", f"one of {sorted(_STOP_CODES)}", value)
+            opts.stop_mode = _STOP_CODES[value]
+        elif key == "allow_partial":
+            opts.allow_partial = bool(value)
+        else:
+            raise invalid(
+                f"parameters.{key}", "tol, max_iter, method, stop_mode or allow_partial", key
+            )
+    return opts
+
+
+def input_tensor(request: oip.ModelInferRequest) -> pb.Tensor:
+    """The single input as a deq.v1 Tensor, from raw bytes or typed contents."""
+    if len(request.inputs) != 1:
+        raise invalid("inputs", "exactly one input tensor", len(request.inputs))
+    tensor = request.inputs[0]
+    if tensor.datatype not in _WIRE:
+        raise invalid("inputs[0].datatype", f"one of {sorted(_WIRE)}", tensor.datatype)
+    dtype, np_dtype = _WIRE[tensor.datatype]
+    if request.raw_input_contents:
+        data = request.raw_input_contents[0]
+    else:
+        values = (
+            tensor.contents.fp32_contents
+            if tensor.datatype == "FP32"
+            else tensor.contents.fp64_contents
+        )
+        data = np.asarray(values, dtype=np_dtype).tobytes()
+    return pb.Tensor(dtype=dtype, shape=list(tensor.shape), data=data)
+
+
+def _output(
+    name: str, datatype: str, array: np.ndarray
+) -> tuple[oip.ModelInferResponse.InferOutputTensor, bytes]:
+    meta = oip.ModelInferResponse.InferOutputTensor(
+        name=name, datatype=datatype, shape=list(array.shape)
+    )
+    return meta, np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+
+
+class OIPServicer(oip_grpc.GRPCInferenceServiceServicer):
+    """Open Inference Protocol handlers over the DEQ servicer and registry."""
+
+    def __init__(self, deq: DEQServicer, registry: Registry, health: Any) -> None:
+        self.deq = deq
+        self.registry = registry
+        self.health = health
+
+    @unary
+    async def ServerLive(
+        self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    @unary
+    async def ServerReady(
+        self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerReadyResponse:
+        status = await self.health.Check(health_pb2.HealthCheckRequest(service=""), context)
+        return oip.ServerReadyResponse(
+            ready=status.status == health_pb2.HealthCheckResponse.SERVING
+        )
+
+    @unary
+    async def ModelReady(
+        self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelReadyResponse:
+        served = self.registry.models.get(request.name)
+        ready = served is not None and (not request.version or request.version in served.versions)
+        return oip.ModelReadyResponse(ready=ready)
+
+    @unary
+    async def ServerMetadata(
+        self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(
+            name="deq-serve", version=__version__, extensions=["deq_solver_parameters"]
+        )
+
+    @unary
+    async def ModelMetadata(
+        self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelMetadataResponse:
+        served, _ = self.registry.resolve(request.name, request.version)
+        info = model_info(served, str(self.registry.device))
+        meta = oip.ModelMetadataResponse.TensorMetadata
+        return oip.ModelMetadataResponse(
+            name=served.name,
+            versions=list(info.versions),
+            platform="deq-serve_pytorch",
+            inputs=[meta(name="input", datatype="FP32", shape=[-1, *info.input_shape])],
+            outputs=[
+                meta(name="output", datatype="FP32", shape=[-1, *info.output_shape]),
+                meta(name="iterations", datatype="INT64", shape=[-1]),
+                meta(name="residual", datatype="FP64", shape=[-1]),
+                meta(name="status", datatype="INT32", shape=[-1]),
+            ],
+        )
+
+    @unary
+    async def ModelInfer(
+        self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelInferResponse:
+        deq_request = pb.InferRequest(
+            model=request.model_name,
+            version=request.model_version,
+            input=input_tensor(request),
+            solver=solver_from_parameters(request.parameters),
+        )
+        answer = await self.deq.infer_counted(deq_request, context.time_remaining())
+        dtype = {pb.DATA_TYPE_FLOAT32: "<f4", pb.DATA_TYPE_FLOAT64: "<f8"}[answer.output.dtype]
+        output = np.frombuffer(answer.output.data, dtype=dtype).reshape(tuple(answer.output.shape))
+        produced = {
+            "output": _output("output", "FP32", output.astype(np.float32)),
+            "iterations": _output("iterations", "INT64", np.asarray(answer.iterations, np.int64)),
+            "residual": _output("residual", "FP64", np.asarray(answer.residual, np.float64)),
+            "status": _output("status", "INT32", np.asarray(answer.status, np.int32)),
+        }
+        wanted = [o.name for o in request.outputs] or list(produced)
+        unknown = [name for name in wanted if name not in produced]
+        if unknown:
+            raise invalid("outputs", f"names among {sorted(produced)}", unknown)
+        response = oip.ModelInferResponse(
+            model_name=request.model_name, model_version=answer.model_version, id=request.id
+        )
+        for name in wanted:
+            meta, raw = produced[name]
+            response.outputs.append(meta)
+            response.raw_output_contents.append(raw)
+        return response
