@@ -84,6 +84,10 @@ class Registry:
         self.models.setdefault(name, ServedModel(name)).versions[version] = entry
         return entry
 
+    def publish(self, name: str, entry: ModelVersion) -> None:
+        """Serve a new version (one dict assignment: readers see the old or the new, never a mix)."""
+        self.models.setdefault(name, ServedModel(name)).versions[entry.version] = entry
+
     def load_all(self, model_dir: Path | None) -> None:
         """Load every checkpoint of the directory, or the bundled demos when it holds none."""
         found = discover(model_dir)

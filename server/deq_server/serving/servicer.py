@@ -1,6 +1,6 @@
 """`deq.v1.DEQService`: thin handlers that decode, call the scheduler and encode.
 
-Train, LoadModel and UnloadModel are not served yet (UNIMPLEMENTED from the generated base).
+LoadModel and UnloadModel are not served yet (UNIMPLEMENTED from the generated base).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from deq_server.core import Status
 
 from . import tensors, validate
 from .config import ServerConfig
-from .errors import DeadlineExceededError, code_of, status_of, unary
+from .errors import DeadlineExceededError, code_of, invalid, status_of, streaming, unary
 from .metrics import Metrics
 from .registry import Registry, ServedModel
 from .scheduler import Scheduler, SolveJob
+from .training import TrainSession
 
 # Stop this long before the caller's deadline so that a partial answer can still reach it.
 DEADLINE_MARGIN_S = 0.005
@@ -191,6 +192,42 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+
+    @streaming
+    async def Train(
+        self,
+        request_iterator: AsyncIterator[pb.TrainRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.TrainResponse]:
+        """Config first, then batches; the client's half-close commits and publishes."""
+        session: TrainSession | None = None
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("message")
+                if session is None:
+                    if kind != "config":
+                        raise invalid("message", "a config as the first message", kind)
+                    session = TrainSession(message.config, self.registry, self.config, self.metrics)
+                    continue
+                if kind != "batch":
+                    raise invalid("message", "a batch (the config comes once, first)", kind)
+                event = await asyncio.to_thread(session.step, message.batch)
+                yield pb.TrainResponse(step=event)
+            if session is None:
+                raise invalid("message", "a config as the first message", "an empty stream")
+            published = await asyncio.to_thread(session.commit)
+            self.registry.publish(published.name, published.entry)
+            self.metrics.model_info.labels(
+                published.name, published.entry.version, str(self.registry.device)
+            ).set(1)
+            yield pb.TrainResponse(
+                committed=pb.TrainCommitted(
+                    model=published.name, version=published.entry.version, steps=published.steps
+                )
+            )
+        finally:
+            if session is not None:
+                session.close()
 
     @unary
     async def ListModels(

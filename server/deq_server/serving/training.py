@@ -1,0 +1,235 @@
+"""Train sessions: fine-tune a private copy of a served model with implicit gradients.
+
+A session holds the model's training lock from its config message to its end. Each batch is one
+optimizer step (a step whose loss or gradient is not finite is skipped and says so). Committing
+saves the weights atomically into the model directory and publishes them as a new version;
+a session that ends any other way writes nothing and publishes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from deq_client.pb.deq.v1 import deq_pb2 as pb
+from deq_server.core import IFT, JFB, Backward, DEQModel, Phantom, load_checkpoint, save_checkpoint
+
+from . import tensors, validate
+from .config import ServerConfig
+from .errors import FailedPreconditionError, invalid
+from .metrics import Metrics
+from .registry import ModelVersion, Registry, ServedModel
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_OPTIMIZERS = {
+    pb.OPTIMIZER_UNSPECIFIED: "adam",
+    pb.OPTIMIZER_ADAM: "adam",
+    pb.OPTIMIZER_ADAMW: "adamw",
+    pb.OPTIMIZER_SGD: "sgd",
+}
+_LOSSES = {pb.LOSS_MSE: "mse", pb.LOSS_CROSS_ENTROPY: "cross_entropy"}
+
+
+def check_model_name(field: str, name: str) -> str:
+    """A model name usable as a file name: no separators, no dot-dot, no control characters."""
+    if not MODEL_NAME.match(name) or ".." in name:
+        raise invalid(
+            field, "a name of letters, digits, '.', '_' or '-' (no path parts)", repr(name)
+        )
+    return name
+
+
+def _backward(config: pb.TrainConfig, model: DEQModel) -> Backward:
+    mode = config.gradient_mode
+    if mode == pb.GRADIENT_MODE_PHANTOM:
+        return Phantom()
+    if mode == pb.GRADIENT_MODE_JFB:
+        return JFB()
+    if mode not in (pb.GRADIENT_MODE_UNSPECIFIED, pb.GRADIENT_MODE_IFT):
+        raise invalid("config.gradient_mode", "IFT, PHANTOM or JFB", mode)
+    base = model.backward_strategy if isinstance(model.backward_strategy, IFT) else IFT()
+    tol = config.backward_tol if config.HasField("backward_tol") else base.tol
+    max_iter = config.backward_max_iter if config.HasField("backward_max_iter") else base.max_iter
+    try:
+        return IFT(tol=tol, max_iter=max_iter, method=base.method, stop_mode=base.stop_mode)
+    except ValueError as exc:
+        raise invalid(
+            "config.backward_tol/backward_max_iter", "tol > 0 and max_iter >= 1", exc
+        ) from None
+
+
+def _optimizer(config: pb.TrainConfig, params: Any) -> torch.optim.Optimizer:
+    lr, decay, momentum = config.learning_rate, config.weight_decay, config.momentum
+    if not (math.isfinite(lr) and lr > 0):
+        raise invalid("config.learning_rate", "a finite number > 0", lr)
+    if not (math.isfinite(decay) and decay >= 0):
+        raise invalid("config.weight_decay", "a finite number >= 0", decay)
+    if not (math.isfinite(momentum) and momentum >= 0):
+        raise invalid("config.momentum", "a finite number >= 0", momentum)
+    name = _OPTIMIZERS.get(config.optimizer)
+    if name is None:
+        raise invalid("config.optimizer", "ADAM, ADAMW or SGD", config.optimizer)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=decay, momentum=momentum)
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    return cls(params, lr=lr, weight_decay=decay)
+
+
+@dataclass
+class Published:
+    """What a commit produced, ready to be added to the registry on the event loop."""
+
+    name: str
+    entry: ModelVersion
+    steps: int
+
+
+class TrainSession:
+    """One Train stream's state. Steps and commit run on a worker thread, never the event loop."""
+
+    def __init__(
+        self, config: pb.TrainConfig, registry: Registry, server: ServerConfig, metrics: Metrics
+    ) -> None:
+        if server.model_dir is None:
+            raise FailedPreconditionError(
+                "the server has no --model-dir to publish trained models into"
+            )
+        served, version = registry.resolve(config.model, config.version)
+        if served.training:
+            raise FailedPreconditionError(f"model {served.name!r} is already being trained")
+        self.publish_as = check_model_name("config.publish_as", config.publish_as or served.name)
+        if config.loss not in _LOSSES:
+            raise invalid("config.loss", "MSE or CROSS_ENTROPY", config.loss)
+        if config.HasField("max_grad_norm") and not config.max_grad_norm > 0:
+            raise invalid("config.max_grad_norm", "a number > 0", config.max_grad_norm)
+        if not (math.isfinite(config.jacobian_reg_weight) and config.jacobian_reg_weight >= 0):
+            raise invalid(
+                "config.jacobian_reg_weight", "a finite number >= 0", config.jacobian_reg_weight
+            )
+        self.config = config
+        self.served: ServedModel = served
+        self.source = version
+        self.model = copy.deepcopy(version.model).train()
+        self.backward = _backward(config, self.model)
+        self.optimizer = _optimizer(config, self.model.parameters())
+        self.loss = _LOSSES[config.loss]
+        self.registry, self.server, self.metrics = registry, server, metrics
+        self.steps = 0
+        self.batches = 0
+        served.training = True
+        metrics.train_sessions.inc()
+
+    def close(self) -> None:
+        """Release the model's training lock (whatever way the session ended)."""
+        self.served.training = False
+        self.metrics.train_sessions.dec()
+
+    def _targets(self, t: pb.Tensor, batch: int) -> torch.Tensor:
+        shape = self.model.output_shape
+        if self.loss == "cross_entropy":
+            y = tensors.decode(t, "batch.targets", max_elements=batch)
+            if y.dtype != torch.int64 or tuple(y.shape) != (batch,):
+                raise invalid(
+                    "batch.targets",
+                    f"int64 class indices shaped [{batch}]",
+                    f"{y.dtype} {list(y.shape)}",
+                )
+            if bool(((y < 0) | (y >= shape[0])).any()):
+                raise invalid(
+                    "batch.targets", f"classes in 0..{shape[0] - 1}", "a class out of range"
+                )
+            return y
+        y = validate.batch_tensor(t, "batch.targets", shape, self.server)
+        if y.shape[0] != batch:
+            raise invalid("batch.targets.shape[0]", f"the inputs' batch {batch}", y.shape[0])
+        return y
+
+    def step(self, batch: pb.TrainBatch) -> pb.TrainStep:
+        """One optimizer step on one batch (validated first)."""
+        if self.config.max_steps and self.batches >= self.config.max_steps:
+            raise FailedPreconditionError(
+                f"max_steps ({self.config.max_steps}) reached; close the stream to commit"
+            )
+        self.batches += 1
+        x = validate.batch_tensor(batch.inputs, "batch.inputs", self.model.input_shape, self.server)
+        y = self._targets(batch.targets, x.shape[0])
+        device, dtype = self.registry.device, self.registry.dtype
+        x = x.to(device=device, dtype=dtype)
+        y = y.to(device=device, dtype=dtype if y.is_floating_point() else torch.int64)
+        solver = validate.solver_options(self.config.solver, x.shape[0], self.server)
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        out, result = self.model(x.requires_grad_(False), backward=self.backward, **solver)
+        loss = F.cross_entropy(out, y) if self.loss == "cross_entropy" else F.mse_loss(out, y)
+        if self.config.jacobian_reg_weight > 0:
+            loss = loss + self.config.jacobian_reg_weight * self._jacobian_penalty(x, result.z)
+        event = pb.TrainStep(
+            step=self.steps + 1,
+            loss=float(loss.detach()),
+            forward_iterations_mean=float(result.iterations.double().mean()),
+            forward_iterations_max=int(result.iterations.max()),
+            forward_residual_max=float(result.residual.max()),
+        )
+        if not math.isfinite(event.loss):
+            return self._skip(event, "non-finite loss")
+        loss.backward()
+        limit = self.config.max_grad_norm if self.config.HasField("max_grad_norm") else math.inf
+        event.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit))
+        if not math.isfinite(event.grad_norm):
+            return self._skip(event, "non-finite gradient")
+        self.optimizer.step()
+        self.steps += 1
+        back = result.backward
+        if back is not None:
+            event.backward_iterations_mean = float(back.iterations.double().mean())
+            event.backward_iterations_max = int(back.iterations.max())
+            event.backward_residual_max = float(back.residual.max())
+            self.metrics.record_solve(self.served.name, "backward", "backward", back)
+        self.metrics.record_solve(
+            self.served.name,
+            solver.get("method", self.model.config["solver"]["method"]),
+            "forward",
+            result,
+        )
+        self.metrics.train_steps.labels(self.served.name).inc()
+        self.metrics.train_loss.labels(self.served.name).set(event.loss)
+        event.samples_per_second = x.shape[0] / max(time.perf_counter() - start, 1e-9)
+        return event
+
+    def _skip(self, event: pb.TrainStep, reason: str) -> pb.TrainStep:
+        self.optimizer.zero_grad(set_to_none=True)
+        event.skipped, event.skip_reason = True, reason
+        return event
+
+    def _jacobian_penalty(self, x: torch.Tensor, z_star: torch.Tensor) -> torch.Tensor:
+        """Hutchinson estimate of ||J_f(z*)||_F^2 / n, differentiable in the parameters."""
+        z = z_star.detach().requires_grad_()
+        fz = self.model.cell(z, self.model.inject(x))
+        v = torch.randn_like(fz)
+        (jtv,) = torch.autograd.grad(fz, z, v, create_graph=True)
+        return jtv.pow(2).sum() / v.numel()
+
+    def commit(self) -> Published:
+        """Save atomically as the next version and load it back as served (worker thread)."""
+        assert self.server.model_dir is not None
+        target = self.registry.models.get(self.publish_as)
+        version = 1 + max((int(v) for v in target.versions), default=0) if target else 1
+        folder = Path(self.server.model_dir) / self.publish_as
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{version}.safetensors"
+        model = self.model.eval().cpu()
+        save_checkpoint(
+            model, path, metadata={"steps": str(self.steps)}, parent=str(self.source.path)
+        )
+        served = (
+            load_checkpoint(path).to(device=self.registry.device, dtype=self.registry.dtype).eval()
+        )
+        return Published(self.publish_as, ModelVersion(str(version), served, path), self.steps)
