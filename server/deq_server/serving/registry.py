@@ -78,10 +78,14 @@ class Registry:
         self.dtype = dtype
         self.models: dict[str, ServedModel] = {}
 
-    def add(self, name: str, version: str, path: Path) -> ModelVersion:
+    def load_version(self, version: str, path: Path) -> ModelVersion:
+        """Load a checkpoint as an eval-mode model on the serving device (not yet served)."""
         model = load_checkpoint(path).to(device=self.device, dtype=self.dtype).eval()
-        entry = ModelVersion(version=version, model=model, path=path)
-        self.models.setdefault(name, ServedModel(name)).versions[version] = entry
+        return ModelVersion(version=version, model=model, path=path)
+
+    def add(self, name: str, version: str, path: Path) -> ModelVersion:
+        entry = self.load_version(version, path)
+        self.publish(name, entry)
         return entry
 
     def publish(self, name: str, entry: ModelVersion) -> None:

@@ -1,6 +1,6 @@
 """`deq.v1.DEQService`: thin handlers that decode, call the scheduler and encode.
 
-LoadModel and UnloadModel are not served yet (UNIMPLEMENTED from the generated base).
+LoadModel reads only inside the model directory; UnloadModel stops serving, files stay.
 """
 
 from __future__ import annotations
@@ -15,15 +15,23 @@ import torch
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_client.pb.deq.v1 import deq_pb2_grpc
-from deq_server.core import Status
+from deq_server.core import CheckpointError, Status
 
 from . import tensors, validate
 from .config import ServerConfig
-from .errors import DeadlineExceededError, code_of, invalid, status_of, streaming, unary
+from .errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    code_of,
+    invalid,
+    status_of,
+    streaming,
+    unary,
+)
 from .metrics import Metrics
 from .registry import Registry, ServedModel
 from .scheduler import Scheduler, SolveJob
-from .training import TrainSession
+from .training import TrainSession, check_model_name, confined_path
 
 # Stop this long before the caller's deadline so that a partial answer can still reach it.
 DEADLINE_MARGIN_S = 0.005
@@ -236,6 +244,39 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         device = str(self.registry.device)
         models = [model_info(m, device) for _, m in sorted(self.registry.models.items())]
         return pb.ListModelsResponse(models=models)
+
+    @unary
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadModelResponse:
+        """Serve a checkpoint of the model directory as `name` (its next version if served)."""
+        name = check_model_name("name", request.name)
+        path = confined_path(self.config.model_dir, request.path)
+        served = self.registry.models.get(name)
+        if served is not None and served.training:
+            raise FailedPreconditionError(f"model {name!r} is being trained")
+        version = str(1 + max((int(v) for v in served.versions), default=0)) if served else "1"
+        try:
+            entry = await asyncio.to_thread(self.registry.load_version, version, path)
+        except CheckpointError as exc:
+            raise invalid("path", "a valid deq-serve checkpoint", exc) from None
+        self.registry.publish(name, entry)
+        self.metrics.model_info.labels(name, version, str(self.registry.device)).set(1)
+        return pb.LoadModelResponse(
+            model=model_info(self.registry.models[name], str(self.registry.device))
+        )
+
+    @unary
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        served, _ = self.registry.resolve(request.name)
+        if served.training:
+            raise FailedPreconditionError(f"model {served.name!r} is being trained")
+        del self.registry.models[served.name]
+        for version in served.versions:
+            self.metrics.model_info.remove(served.name, version, str(self.registry.device))
+        return pb.UnloadModelResponse()
 
     @unary
     async def GetModel(

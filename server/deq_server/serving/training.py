@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
-from deq_server.core import IFT, JFB, Backward, DEQModel, Phantom, load_checkpoint, save_checkpoint
+from deq_server.core import IFT, JFB, Backward, DEQModel, Phantom, save_checkpoint
 
 from . import tensors, validate
 from .config import ServerConfig
-from .errors import FailedPreconditionError, invalid
+from .errors import FailedPreconditionError, NotFoundError, invalid
 from .metrics import Metrics
 from .registry import ModelVersion, Registry, ServedModel
 
@@ -45,6 +45,31 @@ def check_model_name(field: str, name: str) -> str:
             field, "a name of letters, digits, '.', '_' or '-' (no path parts)", repr(name)
         )
     return name
+
+
+def confined_path(model_dir: Path | None, relative: str) -> Path:
+    """`relative` resolved inside the model directory (symlinks followed), or INVALID_ARGUMENT.
+
+    Absolute paths, `..` parts, control characters and links pointing outside are refused
+    before anything is read.
+    """
+    if model_dir is None:
+        raise FailedPreconditionError("the server has no --model-dir to load checkpoints from")
+    if not relative or any(ord(c) < 32 for c in relative) or Path(relative).is_absolute():
+        raise invalid("path", "a relative path inside the model directory", repr(relative))
+    if ".." in Path(relative).parts or not relative.endswith(".safetensors"):
+        raise invalid(
+            "path", "a .safetensors file inside the model directory (no '..')", repr(relative)
+        )
+    root = Path(model_dir).resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise invalid(
+            "path", "a file inside the model directory (links may not leave it)", repr(relative)
+        )
+    if not path.is_file():
+        raise NotFoundError(f"no checkpoint at {relative!r} in the model directory")
+    return path
 
 
 def _backward(config: pb.TrainConfig, model: DEQModel) -> Backward:
@@ -229,7 +254,6 @@ class TrainSession:
         save_checkpoint(
             model, path, metadata={"steps": str(self.steps)}, parent=str(self.source.path)
         )
-        served = (
-            load_checkpoint(path).to(device=self.registry.device, dtype=self.registry.dtype).eval()
+        return Published(
+            self.publish_as, self.registry.load_version(str(version), path), self.steps
         )
-        return Published(self.publish_as, ModelVersion(str(version), served, path), self.steps)
