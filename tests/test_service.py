@@ -200,6 +200,13 @@ def test_health_and_reflection(server):
     assert {"deq.v1.DEQService", "grpc.health.v1.Health"} <= names
 
 
+def test_health_watch_streams_through_the_metrics_interceptor(server):
+    with channel_to(server) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+
 def test_infer_stream_answers_each_request_by_id_and_keeps_going_after_a_bad_one(stub, digits):
     x, _ = digits
     requests = [

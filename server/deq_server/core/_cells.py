@@ -42,17 +42,32 @@ def resolve_config(
 
 
 class SpectralCap(nn.Module):
-    """Parametrization W -> W * min(1, max_norm / ||W||_2): keeps the linear map contractive."""
+    """Parametrization W -> W * min(1, max_norm / ||W||_2): keeps the linear map contractive.
+
+    Without autograd (serving), the capped weight is cached until W changes: the exact 2-norm
+    is an SVD, too costly to redo on every request.
+    """
 
     def __init__(self, max_norm: float) -> None:
         super().__init__()
         if max_norm <= 0.0:
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
         self.max_norm = max_norm
+        self._cache: tuple[tuple[object, ...], Tensor] | None = None
 
-    def forward(self, weight: Tensor) -> Tensor:
+    def _cap(self, weight: Tensor) -> Tensor:
         sigma = torch.linalg.matrix_norm(weight.flatten(1), ord=2)
         return weight * (self.max_norm / sigma).clamp(max=1.0)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and weight.requires_grad:
+            self._cache = None
+            return self._cap(weight)
+        # In-place updates bump the tensor's version counter, so the key notices optimizer steps.
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._cap(weight))
+        return self._cache[1]
 
 
 def _normalise(layer: nn.Module, norm: str, max_norm: float) -> None:

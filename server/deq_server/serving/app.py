@@ -21,6 +21,7 @@ from deq_client.pb.deq.v1 import deq_pb2, deq_pb2_grpc
 from deq_client.pb.inference import grpc_service_pb2 as oip_pb2
 from deq_client.pb.inference import grpc_service_pb2_grpc as oip_grpc
 
+from .auth import TokenAuthInterceptor, split_tokens
 from .config import ServerConfig, parse_config
 from .metrics import GrpcMetricsInterceptor, Metrics
 from .oip import OIPServicer
@@ -78,9 +79,14 @@ async def start_server(config: ServerConfig) -> RunningServer:
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
     ]
-    server = grpc.aio.server(
-        interceptors=[GrpcMetricsInterceptor(metrics.registry)], options=limits
+    interceptors: list[grpc.aio.ServerInterceptor] = [GrpcMetricsInterceptor(metrics.registry)]
+    infer_tokens, admin_tokens = (
+        split_tokens(config.infer_tokens),
+        split_tokens(config.admin_tokens),
     )
+    if infer_tokens or admin_tokens:
+        interceptors.append(TokenAuthInterceptor(infer_tokens, admin_tokens))
+    server = grpc.aio.server(interceptors=interceptors, options=limits)
     deq = DEQServicer(registry, scheduler, metrics, config)
     deq_pb2_grpc.add_DEQServiceServicer_to_server(deq, server)
     health_servicer = health.aio.HealthServicer()
@@ -89,7 +95,13 @@ async def start_server(config: ServerConfig) -> RunningServer:
         OIPServicer(deq, registry, health_servicer), server
     )
     reflection.enable_server_reflection(SERVICE_NAMES, server)
-    port = server.add_insecure_port(config.address)
+    if config.tls_cert is not None and config.tls_key is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())]
+        )
+        port = server.add_secure_port(config.address, credentials)
+    else:
+        port = server.add_insecure_port(config.address)
     await server.start()
 
     metrics_http, metrics_port = None, None

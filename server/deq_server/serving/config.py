@@ -25,6 +25,10 @@ class ServerConfig:
     workers: int = 1
     grace_seconds: float = 10.0
     log_format: str = "text"
+    infer_tokens: str = ""
+    admin_tokens: str = ""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 _HELP = {
@@ -40,6 +44,10 @@ _HELP = {
     "workers": "solver threads (solver work never runs on the event loop)",
     "grace_seconds": "how long in-flight calls may finish after SIGTERM",
     "log_format": "text or json",
+    "infer_tokens": "comma-separated bearer tokens with the infer scope (none: auth off)",
+    "admin_tokens": "comma-separated bearer tokens with the admin and infer scopes",
+    "tls_cert": "PEM certificate chain: serve TLS (with --tls-key)",
+    "tls_key": "PEM private key of --tls-cert",
 }
 _CHOICES = {"dtype": ["float32", "float64"], "log_format": ["text", "json"]}
 
@@ -68,4 +76,6 @@ def parse_config(
             help=f"{_HELP[f.name]} (env {env_name(f.name)})",
         )
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
     return ServerConfig(**vars(args))

@@ -235,8 +235,12 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             self.started.labels(*labels).inc()
             start, failed = time.perf_counter(), None
             try:
-                async for response in behaviour(request, context):
-                    yield response
+                result = behaviour(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for response in result:
+                        yield response
+                else:  # a coroutine that writes through the context (e.g. health Watch)
+                    await result
             except BaseException as exc:
                 failed = exc
                 raise
