@@ -73,7 +73,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     for name, served in registry.models.items():
         for version in served.versions:
             metrics.model_info.labels(name, version, str(registry.device)).set(1)
-    scheduler = RequestScheduler(workers=config.workers)
+    scheduler = RequestScheduler(workers=config.workers, max_batch=config.max_batch)
 
     limits = [
         ("grpc.max_receive_message_length", config.max_message_bytes),

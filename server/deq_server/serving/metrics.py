@@ -134,7 +134,6 @@ class Metrics:
         for value in result.residual.tolist():
             residual.observe(value)
         if phase == "forward":
-            self.batch_size.labels(model).observe(result.status.numel())
             counts = _bincount(result.status)
             for status in Status:
                 if counts.get(int(status)):

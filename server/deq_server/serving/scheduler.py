@@ -1,7 +1,7 @@
 """All solving goes through a scheduler: `submit(job)` returns an awaitable per-request outcome.
 
-`RequestScheduler` is the first implementation: each request is solved on its own on a worker
-thread (never on the event loop). Cancellation and deadlines reach the solver through its
+`RequestScheduler` is the first implementation: request-level batching on worker threads (never
+on the event loop). Cancellation and deadlines reach the solver through its
 per-iteration hook, so a caller that gives up stops costing compute within one iteration.
 """
 
@@ -46,6 +46,7 @@ class SolveOutcome:
     result: SolveResult
     queue_seconds: float
     solve_seconds: float
+    batch_rows: int
 
 
 class Scheduler(Protocol):
@@ -58,51 +59,171 @@ class Scheduler(Protocol):
     async def close(self) -> None: ...
 
 
-def stop_hook(job: SolveJob) -> Any:
-    """The solver hook that turns cancellation and deadlines into per-sample statuses."""
+def _limit(job: SolveJob) -> float | None:
     limits = [t for t in (job.deadline, job.budget_deadline) if t is not None]
-    first_limit = min(limits) if limits else None
+    return min(limits) if limits else None
+
+
+def _verdict(job: SolveJob, limit: float | None, now: float) -> int:
+    """The status that stops a job's samples now, or RUNNING (0)."""
+    if job.cancelled.is_set():
+        return int(Status.CANCELLED)
+    if limit is not None and now >= limit:
+        return int(Status.DEADLINE)
+    return 0
+
+
+def stop_hook(jobs: list[SolveJob], row_job: Tensor) -> Any:
+    """The solver hook that turns each job's cancellation and deadline into its rows' statuses.
+
+    `row_job[i]` is the index in `jobs` of batch row i. Host work per iteration: one check per job.
+    """
+    limits = [_limit(job) for job in jobs]
 
     def should_stop(progress: Progress) -> Tensor | None:
-        if job.cancelled.is_set():
-            return torch.full_like(progress.active, int(Status.CANCELLED))
-        if first_limit is not None and time.monotonic() >= first_limit:
-            return torch.full_like(progress.active, int(Status.DEADLINE))
-        return None
+        now = time.monotonic()
+        verdicts = [_verdict(job, limit, now) for job, limit in zip(jobs, limits, strict=True)]
+        if not any(verdicts):
+            return None
+        per_job = torch.tensor(verdicts, dtype=torch.int64, device=progress.active.device)
+        return per_job[row_job[progress.active]]
 
     return should_stop
 
 
-def run_job(job: SolveJob) -> SolveOutcome:
-    """Solve one job on the calling thread."""
+def _batch_key(job: SolveJob) -> tuple[Any, ...]:
+    """Jobs with equal keys can share one solve: same model version and method settings."""
+    options = {k: v for k, v in job.solver.items() if k not in ("tol", "max_iter")}
+    return (id(job.model), tuple(sorted(options.items())))
+
+
+def _per_row(
+    jobs: list[SolveJob], key: str, default: Any, dtype: torch.dtype, device: Any
+) -> Tensor:
+    parts = []
+    for job in jobs:
+        value = job.solver.get(key, default)
+        rows = job.x.shape[0]
+        if isinstance(value, Tensor):
+            parts.append(value.to(device=device, dtype=dtype))
+        else:
+            parts.append(torch.full((rows,), value, dtype=dtype, device=device))
+    return torch.cat(parts)
+
+
+def run_batch(jobs: list[SolveJob]) -> list[SolveOutcome]:
+    """Solve compatible jobs as one batch (per-row tolerances and caps) on the calling thread."""
     start = time.monotonic()
-    with torch.no_grad():
-        y, result = job.model(job.x, z0=job.z0, should_stop=stop_hook(job), **job.solver)
-    return SolveOutcome(
-        y=y,
-        result=result,
-        queue_seconds=start - job.submitted,
-        solve_seconds=time.monotonic() - start,
+    model = jobs[0].model
+    defaults = model.config["solver"]
+    x = torch.cat([job.x for job in jobs])
+    device = x.device
+    sizes = [job.x.shape[0] for job in jobs]
+    row_job = torch.repeat_interleave(
+        torch.arange(len(jobs), device=device), torch.tensor(sizes, device=device)
     )
+    solver = {k: v for k, v in jobs[0].solver.items() if k not in ("tol", "max_iter")}
+    solver["tol"] = _per_row(jobs, "tol", defaults["tol"], x.dtype, device)
+    solver["max_iter"] = _per_row(jobs, "max_iter", defaults["max_iter"], torch.int64, device)
+    z0 = None
+    if any(job.z0 is not None for job in jobs):
+        z0 = torch.cat([job.z0 if job.z0 is not None else model.init_state(job.x) for job in jobs])
+    with torch.no_grad():
+        y, result = model(x, z0=z0, should_stop=stop_hook(jobs, row_job), **solver)
+    solve_seconds = time.monotonic() - start
+    outcomes, offset = [], 0
+    for job, rows in zip(jobs, sizes, strict=True):
+        part = slice(offset, offset + rows)
+        offset += rows
+        piece = SolveResult(
+            z=result.z[part],
+            iterations=result.iterations[part],
+            residual=result.residual[part],
+            status=result.status[part],
+            steps=result.steps,
+        )
+        outcomes.append(
+            SolveOutcome(y[part], piece, start - job.submitted, solve_seconds, x.shape[0])
+        )
+    return outcomes
 
 
 class RequestScheduler:
-    """Each request solved alone on one of `workers` threads, in arrival order."""
+    """Request-level batching: requests that queue while the solver is busy are solved together.
 
-    def __init__(self, workers: int = 1) -> None:
+    Compatible requests (same model version and method settings; tolerances and caps may differ)
+    are concatenated into one batch of at most `max_batch` rows; each sample still retires at its
+    own tolerance, and the batch returns when its slowest sample retires. `workers` batches may be
+    in the solver at once, each on its own thread.
+    """
+
+    def __init__(self, workers: int = 1, max_batch: int = 256) -> None:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deq-solver")
+        self._workers = workers
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[tuple[SolveJob, asyncio.Future[SolveOutcome]]] | None = None
+        self._runners: list[asyncio.Task[None]] = []
         self._pending = 0
 
+    def _start(self) -> asyncio.Queue[tuple[SolveJob, asyncio.Future[SolveOutcome]]]:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._runners = [asyncio.create_task(self._run()) for _ in range(self._workers)]
+        return self._queue
+
     async def submit(self, job: SolveJob) -> SolveOutcome:
+        future: asyncio.Future[SolveOutcome] = asyncio.get_running_loop().create_future()
         self._pending += 1
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, run_job, job)
+            await self._start().put((job, future))
+            return await future
         finally:
             self._pending -= 1
 
     def pending(self) -> int:
         return self._pending
 
+    def _take_batch(
+        self, first: tuple[SolveJob, asyncio.Future[SolveOutcome]]
+    ) -> list[tuple[SolveJob, asyncio.Future[SolveOutcome]]]:
+        """The first job plus queued compatible ones, FIFO, up to max_batch rows."""
+        assert self._queue is not None
+        batch, rows, later = [first], first[0].x.shape[0], []
+        key = _batch_key(first[0])
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if _batch_key(item[0]) == key and rows + item[0].x.shape[0] <= self._max_batch:
+                batch.append(item)
+                rows += item[0].x.shape[0]
+            else:
+                later.append(item)
+        for item in later:  # keep their order for the next batch
+            self._queue.put_nowait(item)
+        return batch
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [
+                item for item in self._take_batch(await self._queue.get()) if not item[1].done()
+            ]
+            if not batch:
+                continue
+            try:
+                outcomes = await loop.run_in_executor(
+                    self._executor, run_batch, [j for j, _ in batch]
+                )
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if not future.done():
+                    future.set_result(outcome)
+
     async def close(self) -> None:
+        for runner in self._runners:
+            runner.cancel()
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)

@@ -114,6 +114,7 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         method = solver.get("method", model.config["solver"]["method"])
         self.metrics.record_solve(name, method, "forward", result)
         self.metrics.queue_seconds.labels(name).observe(outcome.queue_seconds)
+        self.metrics.batch_size.labels(name).observe(outcome.batch_rows)
         hit_deadline = deadline is not None and time.monotonic() >= deadline
         partial = bool((result.status == Status.DEADLINE).any())
         if hit_deadline and partial and not request.solver.allow_partial:

@@ -1,0 +1,58 @@
+"""Request-level batching: concurrent requests share a solve yet each gets its solo answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from deq_server.core import Status, load_checkpoint
+from deq_server.models import bundled_checkpoints
+from deq_server.serving.scheduler import RequestScheduler, SolveJob
+
+
+def digits_model():
+    return load_checkpoint(bundled_checkpoints()["digits"]).double().eval()
+
+
+def test_concurrent_requests_are_batched_and_match_solo_solves():
+    model = digits_model()
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randint(0, 17, (n, 64), generator=gen).double() for n in (1, 3, 2, 4)]
+    options = [{"tol": 1e-2}, {"tol": 1e-8, "max_iter": 200}, {}, {"tol": 1e-5, "max_iter": 3}]
+
+    async def main():
+        scheduler = RequestScheduler(workers=1, max_batch=64)
+        jobs = [SolveJob(model, x, dict(o)) for x, o in zip(inputs, options, strict=True)]
+        outcomes = await asyncio.gather(*(scheduler.submit(job) for job in jobs))
+        await scheduler.close()
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    assert [o.batch_rows for o in outcomes] == [10] * 4  # one shared solve
+    for x, opts, outcome in zip(inputs, options, outcomes, strict=True):
+        with torch.no_grad():
+            y, solo = model(x, **opts)
+        assert outcome.result.iterations.tolist() == solo.iterations.tolist()
+        assert outcome.result.status.tolist() == solo.status.tolist()
+        torch.testing.assert_close(outcome.y, y, rtol=1e-10, atol=1e-12)
+    assert set(outcomes[3].result.status.tolist()) == {int(Status.MAX_ITER)}
+
+
+def test_a_cancelled_request_stops_only_its_own_rows():
+    model = digits_model()
+    x = torch.full((2, 64), 8.0, dtype=torch.float64)
+
+    async def main():
+        scheduler = RequestScheduler(workers=1)
+        gone = SolveJob(model, x, {"tol": 1e-12, "max_iter": 500})
+        gone.cancelled.set()
+        kept = SolveJob(model, x, {"tol": 1e-12, "max_iter": 500})
+        outcomes = await asyncio.gather(scheduler.submit(gone), scheduler.submit(kept))
+        await scheduler.close()
+        return outcomes
+
+    gone, kept = asyncio.run(main())
+    assert set(gone.result.status.tolist()) == {int(Status.CANCELLED)}
+    assert gone.result.iterations.tolist() == [1, 1]
+    assert set(kept.result.status.tolist()) == {int(Status.CONVERGED)}
