@@ -1,0 +1,114 @@
+"""SIGTERM on a real deq-server process: in-flight calls finish, new ones are refused, clean exit."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from deq_client.pb.deq.v1 import deq_pb2 as pb
+from deq_client.pb.deq.v1 import deq_pb2_grpc
+from deq_server.core import DEQModel, save_checkpoint
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slow_checkpoint(folder) -> None:
+    """A picard solve that needs all of its 1000 iterations (rho = 0.999 on 512 states)."""
+    model = DEQModel.from_config(
+        {
+            "cell": "mlp",
+            "in_features": 8,
+            "hidden": 512,
+            "out_features": 2,
+            "activation": "identity",
+            "solver": {"method": "picard", "tol": 1e-9, "max_iter": 1000, "stop_mode": "abs"},
+        }
+    )
+    with torch.no_grad():
+        q, _ = torch.linalg.qr(torch.randn(512, 512))
+        model.layer.W.weight.copy_(0.999 * q)
+    save_checkpoint(model, folder / "slow.safetensors")
+
+
+def pending(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    line = next(
+        ln
+        for ln in text.splitlines()
+        if ln.startswith('deq_inference_pending_requests{model="slow"}')
+    )
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(tmp_path):
+    slow_checkpoint(tmp_path)
+    port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deq_server",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--metrics-address",
+            f"127.0.0.1:{metrics_port}",
+            "--model-dir",
+            str(tmp_path),
+            "--grace-seconds",
+            "30",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=60)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert (
+            health.Check(health_pb2.HealthCheckRequest()).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+        stub = deq_pb2_grpc.DEQServiceStub(channel)
+        x = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
+        request = pb.InferRequest(
+            model="slow",
+            input=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[32, 8], data=x.tobytes()),
+        )
+        answers: list[object] = []
+        in_flight = threading.Thread(target=lambda: answers.append(stub.Infer(request, timeout=60)))
+        in_flight.start()
+        for _ in range(100_000):  # bounded: each check is an HTTP round trip to the server
+            if pending(metrics_port) >= 1:
+                break
+        proc.send_signal(signal.SIGTERM)
+        in_flight.join(timeout=60)
+        assert len(answers) == 1
+        assert set(answers[0].status) == {pb.SAMPLE_STATUS_MAX_ITER}
+        assert list(answers[0].iterations) == [1000] * 32
+        code = proc.wait(timeout=60)
+        assert code == 0, proc.stderr.read()
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{port}") as late,
+            pytest.raises(grpc.RpcError) as info,
+        ):
+            deq_pb2_grpc.DEQServiceStub(late).Infer(request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        channel.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
