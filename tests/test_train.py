@@ -6,6 +6,7 @@ import hashlib
 import queue
 import shutil
 import threading
+import urllib.request
 
 import grpc
 import numpy as np
@@ -179,3 +180,27 @@ def test_train_needs_a_model_directory():
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Train(iter([config()])))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_training_metrics_are_exported(model_dir):
+    with running_server(model_dir=model_dir) as server, channel_to(server) as channel:
+        stub = deq_pb2_grpc.DEQServiceStub(channel)
+        list(stub.Train(iter([config(), *shifted_digit_batches(2)])))
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics")
+            .read()
+            .decode()
+        )
+    values = {
+        ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1])
+        for ln in text.splitlines()
+        if ln and not ln.startswith("#")
+    }
+    assert values['deq_train_steps_total{model="digits"}'] == 2
+    assert values['deq_train_loss{model="digits"}'] > 0
+    assert values["deq_train_sessions_active"] == 0
+    assert (
+        values['deq_solver_iterations_count{method="anderson",model="digits",phase="backward"}']
+        == 128
+    )
+    assert values['deq_model_info{device="cpu",model="digits",version="2"}'] == 1

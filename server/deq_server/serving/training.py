@@ -217,7 +217,8 @@ class TrainSession:
             event.backward_iterations_mean = float(back.iterations.double().mean())
             event.backward_iterations_max = int(back.iterations.max())
             event.backward_residual_max = float(back.residual.max())
-            self.metrics.record_solve(self.served.name, "backward", "backward", back)
+            method = self.backward.method if isinstance(self.backward, IFT) else "unrolled"
+            self.metrics.record_solve(self.served.name, method, "backward", back)
         self.metrics.record_solve(
             self.served.name,
             solver.get("method", self.model.config["solver"]["method"]),
