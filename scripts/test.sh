@@ -17,4 +17,5 @@ npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0 >
 python -m ruff check .
 python -m ruff format --check .
 python -m mypy server/deq_server/core
+python -m mypy --strict client/deq_client
 python -m pytest -q -p no:cacheprovider "$@"

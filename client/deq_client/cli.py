@@ -1,0 +1,145 @@
+"""`deqctl`: the deq-serve command line (models, infer, train, health) over the SDK.
+
+The target and token come from `--target` / `--token` or DEQ_TARGET / DEQ_TOKEN. Results are
+printed as JSON lines, so scripts can read them; `infer --output y.npy` also saves the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from deq_client._errors import DEQError
+from deq_client.client import DEQClient
+
+
+def _client(args: argparse.Namespace) -> DEQClient:
+    return DEQClient(args.target, token=args.token or None, timeout=args.timeout)
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)))
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        for info in client.list_models():
+            _print(asdict(info))
+
+
+def cmd_health(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        _print({"service": args.service, "status": client.health(args.service)})
+
+
+def cmd_infer(args: argparse.Namespace) -> None:
+    x = np.load(args.input)
+    solver = {
+        "tol": args.tol,
+        "max_iter": args.max_iter,
+        "method": args.method,
+        "stop_mode": args.stop_mode,
+    }
+    with _client(args) as client:
+        result = client.infer(args.model, x, **{k: v for k, v in solver.items() if v is not None})
+    if args.output:
+        np.save(args.output, result.output)
+    _print(
+        {
+            "model_version": result.model_version,
+            "iterations": result.iterations,
+            "residual": result.residual,
+            "status": result.status_names,
+            "output": None if args.output else result.output,
+        }
+    )
+
+
+def _batches(
+    inputs: np.ndarray, targets: np.ndarray, size: int, epochs: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for _ in range(epochs):
+        for start in range(0, len(inputs), size):
+            yield inputs[start : start + size], targets[start : start + size]
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    inputs, targets = np.load(args.inputs), np.load(args.targets)
+    if len(inputs) != len(targets):
+        raise SystemExit(f"--inputs has {len(inputs)} rows but --targets has {len(targets)}")
+    config: dict[str, Any] = {
+        "loss": args.loss,
+        "learning_rate": args.lr,
+        "optimizer": args.optimizer,
+    }
+    if args.publish_as:
+        config["publish_as"] = args.publish_as
+    with _client(args) as client:
+        batches = _batches(inputs, targets, args.batch_size, args.epochs)
+        for event in client.train(args.model, batches, config, progress=args.progress):
+            _print({k: v for k, v in asdict(event).items() if v is not None})
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deqctl", description="Talk to a deq-serve server.")
+    p.add_argument(
+        "--target",
+        default=os.environ.get("DEQ_TARGET", "127.0.0.1:50051"),
+        help="HOST:PORT of the server (env DEQ_TARGET)",
+    )
+    p.add_argument(
+        "--token", default=os.environ.get("DEQ_TOKEN"), help="bearer token (env DEQ_TOKEN)"
+    )
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="list the served models").set_defaults(run=cmd_models)
+    health = sub.add_parser("health", help="gRPC health of the server or one service")
+    health.add_argument("--service", default="")
+    health.set_defaults(run=cmd_health)
+
+    infer = sub.add_parser("infer", help="solve a batch from a .npy file")
+    infer.add_argument("--model", required=True)
+    infer.add_argument("--input", required=True, help=".npy file, batch first")
+    infer.add_argument("--output", help="save the output here (.npy) instead of printing it")
+    infer.add_argument("--tol", type=float)
+    infer.add_argument("--max-iter", type=int)
+    infer.add_argument("--method", choices=["picard", "anderson", "broyden"])
+    infer.add_argument("--stop-mode", choices=["abs", "rel"])
+    infer.set_defaults(run=cmd_infer)
+
+    train = sub.add_parser(
+        "train", help="fine-tune a served model on .npy data; commits at the end"
+    )
+    train.add_argument("--model", required=True)
+    train.add_argument("--inputs", required=True, help=".npy inputs, batch first")
+    train.add_argument("--targets", required=True, help=".npy targets (int classes or floats)")
+    train.add_argument("--loss", choices=["mse", "cross_entropy"], required=True)
+    train.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--publish-as", help="publish under this name instead of the next version")
+    train.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+    train.set_defaults(run=cmd_train)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except DEQError as exc:
+        print(f"deqctl: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
+
+
+if __name__ == "__main__":
+    main()

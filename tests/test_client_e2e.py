@@ -1,0 +1,135 @@
+"""The SDK and deqctl against a real server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from serving_harness import running_server
+from sklearn.datasets import load_digits
+
+from deq_client import AsyncDEQClient, DEQClient, DEQError
+from deq_server.models import bundled_checkpoints
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    shutil.copy(bundled_checkpoints()["digits"], folder / "digits.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with running_server(model_dir=model_dir) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def target(server):
+    return f"127.0.0.1:{server.port}"
+
+
+def digits(n: int) -> tuple[np.ndarray, np.ndarray]:
+    data = load_digits()
+    return data.data[:n].astype(np.float32), data.target[:n].astype(np.int64)
+
+
+def test_sdk_infer_list_get_health(target):
+    x, labels = digits(6)
+    with DEQClient(target, timeout=30) as client:
+        assert client.health() == "SERVING"
+        (info,) = client.list_models()
+        assert info.name == "digits"
+        assert info.input_shape == (64,)
+        assert client.get_model("digits") == info
+        result = client.infer("digits", x, tol=[1e-2, 1e-6] * 3, return_state=True)
+        assert result.status_names == ["CONVERGED"] * 6
+        assert result.converged.all()
+        assert (result.iterations[0::2] < result.iterations[1::2]).all()
+        assert (result.output.argmax(1) == labels).mean() >= 0.8
+        assert result.state is not None
+        assert result.state.shape == (6, 64)
+        with pytest.raises(DEQError) as info:
+            client.infer("nope", x)
+        assert info.value.code.name == "NOT_FOUND"
+
+
+def test_sdk_infer_many_keeps_request_order(target):
+    x, _ = digits(8)
+    with DEQClient(target, timeout=30) as client:
+        results = list(client.infer_many("digits", [x[i : i + 2] for i in range(0, 8, 2)]))
+    assert [r.output.shape for r in results] == [(2, 10)] * 4
+    with DEQClient(target, timeout=30) as client:
+        one = client.infer("digits", x[4:6])
+    np.testing.assert_allclose(results[2].output, one.output, rtol=1e-6)
+
+
+def test_async_client(target):
+    x, _ = digits(3)
+
+    async def main():
+        async with AsyncDEQClient(target, timeout=30) as client:
+            return await client.infer("digits", x, tol=1e-4), await client.health()
+
+    result, health = asyncio.run(main())
+    assert health == "SERVING"
+    assert result.status_names == ["CONVERGED"] * 3
+
+
+def deqctl(target: str, *args: str) -> list[dict]:
+    out = subprocess.run(
+        [sys.executable, "-m", "deq_client.cli", "--target", target, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def test_deqctl_models_infer_train(target, tmp_path):
+    (model,) = deqctl(target, "models")
+    assert model["name"] == "digits"
+    x, y = digits(64)
+    np.save(tmp_path / "x.npy", x[:3])
+    (answer,) = deqctl(
+        target,
+        "infer",
+        "--model",
+        "digits",
+        "--input",
+        str(tmp_path / "x.npy"),
+        "--tol",
+        "1e-5",
+        "--output",
+        str(tmp_path / "y.npy"),
+    )
+    assert answer["status"] == ["CONVERGED"] * 3
+    assert np.load(tmp_path / "y.npy").shape == (3, 10)
+    np.save(tmp_path / "inputs.npy", x)
+    np.save(tmp_path / "targets.npy", y)
+    events = deqctl(
+        target,
+        "train",
+        "--model",
+        "digits",
+        "--inputs",
+        str(tmp_path / "inputs.npy"),
+        "--targets",
+        str(tmp_path / "targets.npy"),
+        "--loss",
+        "cross_entropy",
+        "--batch-size",
+        "32",
+        "--publish-as",
+        "digits-tuned",
+    )
+    assert [e["kind"] for e in events] == ["step", "step", "committed"]
+    assert events[-1]["model"] == "digits-tuned"
+    assert events[-1]["version"] == "1"
