@@ -294,3 +294,40 @@ def test_metrics_endpoint_exports_the_design_series_after_traffic(server, stub, 
         assert line is not None, series
         if "pending" not in series:
             assert float(line.rsplit(" ", 1)[1]) > 0, line
+
+
+def scrape(server) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_a_client_that_cancels_stops_the_solver(tmp_path):
+    with (
+        running_server(model_dir=slow_model_dir(tmp_path)) as server,
+        channel_to(server) as channel,
+    ):
+        stub = deq_pb2_grpc.DEQServiceStub(channel)
+        x = wire(np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
+        call = stub.Infer.future(pb.InferRequest(model="slow", input=x))
+        pending = 'deq_inference_pending_requests{model="slow"}'
+        for _ in range(20_000):  # bounded; each check is an HTTP round trip
+            if scrape(server).get(pending, 0) >= 1:
+                break
+        call.cancel()
+        cancelled = 'deq_solver_samples_total{model="slow",status="CANCELLED"}'
+        for _ in range(20_000):
+            values = scrape(server)
+            if cancelled in values:
+                break
+        assert values[cancelled] == 64
+        labels = '{method="picard",model="slow",phase="forward"}'
+        mean = (
+            values[f"deq_solver_iterations_sum{labels}"]
+            / values[f"deq_solver_iterations_count{labels}"]
+        )
+        assert mean < 1000  # stopped early, not run to max_iter
+        assert values['deq_inference_requests_total{code="CANCELLED",model="slow"}'] == 1

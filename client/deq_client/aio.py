@@ -221,6 +221,16 @@ class AsyncDEQClient:
         response: pb.GetModelResponse = await self._unary(self._stub.GetModel, request, timeout)
         return ModelInfo.from_proto(response.model)
 
+    async def load_model(self, name: str, path: str, *, timeout: float | None = None) -> ModelInfo:
+        """As ``DEQClient.load_model``."""
+        request = pb.LoadModelRequest(name=name, path=path)
+        response: pb.LoadModelResponse = await self._unary(self._stub.LoadModel, request, timeout)
+        return ModelInfo.from_proto(response.model)
+
+    async def unload_model(self, name: str, *, timeout: float | None = None) -> None:
+        """As ``DEQClient.unload_model``."""
+        await self._unary(self._stub.UnloadModel, pb.UnloadModelRequest(name=name), timeout)
+
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """As ``DEQClient.health``."""
         try:

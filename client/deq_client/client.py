@@ -199,6 +199,17 @@ class DEQClient:
         response: pb.GetModelResponse = self._unary(self._stub.GetModel, request, timeout)
         return ModelInfo.from_proto(response.model)
 
+    def load_model(self, name: str, path: str, *, timeout: float | None = None) -> ModelInfo:
+        """Serves the checkpoint at ``path`` (relative to the server's model directory) as
+        ``name``, as its next version if ``name`` is already served. Needs the admin scope."""
+        request = pb.LoadModelRequest(name=name, path=path)
+        response: pb.LoadModelResponse = self._unary(self._stub.LoadModel, request, timeout)
+        return ModelInfo.from_proto(response.model)
+
+    def unload_model(self, name: str, *, timeout: float | None = None) -> None:
+        """Stops serving ``name``; its files stay. Needs the admin scope."""
+        self._unary(self._stub.UnloadModel, pb.UnloadModelRequest(name=name), timeout)
+
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The serving status of ``service`` ("" = the whole server) from ``grpc.health.v1``.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -36,6 +37,9 @@ class SolveJob:
     budget_deadline: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
+    # Called on the solver thread with the job's outcome, even when its caller has gone:
+    # per-sample facts are recorded where they are born.
+    on_solved: Callable[[SolveOutcome], None] | None = None
 
 
 @dataclass
@@ -142,9 +146,10 @@ def run_batch(jobs: list[SolveJob]) -> list[SolveOutcome]:
             status=result.status[part],
             steps=result.steps,
         )
-        outcomes.append(
-            SolveOutcome(y[part], piece, start - job.submitted, solve_seconds, x.shape[0])
-        )
+        outcome = SolveOutcome(y[part], piece, start - job.submitted, solve_seconds, x.shape[0])
+        if job.on_solved is not None:
+            job.on_solved(outcome)
+        outcomes.append(outcome)
     return outcomes
 
 

@@ -30,7 +30,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .registry import Registry, ServedModel
-from .scheduler import Scheduler, SolveJob
+from .scheduler import Scheduler, SolveJob, SolveOutcome
 from .training import TrainSession, check_model_name, confined_path
 
 # Stop this long before the caller's deadline so that a partial answer can still reach it.
@@ -92,6 +92,13 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         budget = None
         if request.solver.HasField("budget_ms"):
             budget = received + request.solver.budget_ms / 1e3
+        method = solver.get("method", model.config["solver"]["method"])
+
+        def record(outcome: SolveOutcome) -> None:
+            self.metrics.record_solve(name, method, "forward", outcome.result)
+            self.metrics.queue_seconds.labels(name).observe(outcome.queue_seconds)
+            self.metrics.batch_size.labels(name).observe(outcome.batch_rows)
+
         job = SolveJob(
             model=model,
             x=x.to(device=device, dtype=dtype),
@@ -100,6 +107,7 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
             deadline=deadline,
             budget_deadline=budget,
             submitted=received,
+            on_solved=record,
         )
         gauge = self.metrics.pending.labels(name)
         gauge.inc()
@@ -111,10 +119,6 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         finally:
             gauge.dec()
         result = outcome.result
-        method = solver.get("method", model.config["solver"]["method"])
-        self.metrics.record_solve(name, method, "forward", result)
-        self.metrics.queue_seconds.labels(name).observe(outcome.queue_seconds)
-        self.metrics.batch_size.labels(name).observe(outcome.batch_rows)
         hit_deadline = deadline is not None and time.monotonic() >= deadline
         partial = bool((result.status == Status.DEADLINE).any())
         if hit_deadline and partial and not request.solver.allow_partial:
