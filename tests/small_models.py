@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,3 +32,25 @@ def small_input(kind: str, batch: int, generator: torch.Generator) -> torch.Tens
     """A float64 input batch matching SMALL_CONFIGS[kind]."""
     shape = (batch, 2, 4, 4) if kind == "conv" else (batch, 5)
     return torch.randn(*shape, dtype=torch.float64, generator=generator)
+
+
+def slow_model_dir(folder: Path) -> Path:
+    """A model directory with `slow`: a picard solve that needs all of its 1000 iterations
+    (linear cell, orthogonal W scaled to rho = 0.999, 512 states), far longer than test deadlines."""
+    from deq_server.core import DEQModel, save_checkpoint
+
+    model = DEQModel.from_config(
+        {
+            "cell": "mlp",
+            "in_features": 8,
+            "hidden": 512,
+            "out_features": 2,
+            "activation": "identity",
+            "solver": {"method": "picard", "tol": 1e-9, "max_iter": 1000, "stop_mode": "abs"},
+        }
+    )
+    with torch.no_grad():
+        q, _ = torch.linalg.qr(torch.randn(512, 512))
+        model.layer.W.weight.copy_(0.999 * q)
+    save_checkpoint(model, folder / "slow.safetensors")
+    return folder

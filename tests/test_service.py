@@ -11,10 +11,11 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serving_harness import channel_to, running_server
+from small_models import slow_model_dir
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_client.pb.deq.v1 import deq_pb2_grpc
-from deq_server.core import DEQModel, load_checkpoint, save_checkpoint
+from deq_server.core import load_checkpoint
 from deq_server.demo import held_out_digits
 from deq_server.models import bundled_checkpoints
 
@@ -224,25 +225,6 @@ def test_infer_stream_answers_each_request_by_id_and_keeps_going_after_a_bad_one
     for i in range(4):
         assert answers[f"r{i}"].error_code == 0
         assert list(answers[f"r{i}"].response.status) == [pb.SAMPLE_STATUS_CONVERGED] * 2
-
-
-def slow_model_dir(tmp_path):
-    """A model whose picard solve takes far longer than the test deadlines (rho = 0.999)."""
-    model = DEQModel.from_config(
-        {
-            "cell": "mlp",
-            "in_features": 8,
-            "hidden": 512,
-            "out_features": 2,
-            "activation": "identity",
-            "solver": {"method": "picard", "tol": 1e-9, "max_iter": 1000, "stop_mode": "abs"},
-        }
-    )
-    with torch.no_grad():
-        q, _ = torch.linalg.qr(torch.randn(512, 512))
-        model.layer.W.weight.copy_(0.999 * q)
-    save_checkpoint(model, tmp_path / "slow.safetensors")
-    return tmp_path
 
 
 def test_deadline_gives_partial_answers_or_deadline_exceeded(tmp_path):

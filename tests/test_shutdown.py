@@ -12,36 +12,17 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from small_models import slow_model_dir
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_client.pb.deq.v1 import deq_pb2_grpc
-from deq_server.core import DEQModel, save_checkpoint
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def slow_checkpoint(folder) -> None:
-    """A picard solve that needs all of its 1000 iterations (rho = 0.999 on 512 states)."""
-    model = DEQModel.from_config(
-        {
-            "cell": "mlp",
-            "in_features": 8,
-            "hidden": 512,
-            "out_features": 2,
-            "activation": "identity",
-            "solver": {"method": "picard", "tol": 1e-9, "max_iter": 1000, "stop_mode": "abs"},
-        }
-    )
-    with torch.no_grad():
-        q, _ = torch.linalg.qr(torch.randn(512, 512))
-        model.layer.W.weight.copy_(0.999 * q)
-    save_checkpoint(model, folder / "slow.safetensors")
 
 
 def pending(metrics_port: int) -> float:
@@ -55,7 +36,7 @@ def pending(metrics_port: int) -> float:
 
 
 def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(tmp_path):
-    slow_checkpoint(tmp_path)
+    slow_model_dir(tmp_path)
     port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
         [
