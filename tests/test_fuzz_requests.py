@@ -31,7 +31,17 @@ floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
 
 
 @st.composite
-def tensors(draw: st.DrawFn) -> pb.Tensor:
+def digits_batches(draw: st.DrawFn) -> pb.Tensor:
+    """A well-formed input for the demo model, so that fuzzed solver options reach the solver."""
+    dtype = draw(st.sampled_from([pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_FLOAT64]))
+    rows = draw(st.integers(1, 8))
+    x = np.full((rows, 64), draw(st.sampled_from([0.0, 8.0, 16.0])))
+    x = x.astype("<f4" if dtype == pb.DATA_TYPE_FLOAT32 else "<f8")
+    return pb.Tensor(dtype=dtype, shape=[rows, 64], data=x.tobytes())
+
+
+@st.composite
+def junk_tensors(draw: st.DrawFn) -> pb.Tensor:
     dtype = draw(st.sampled_from(sorted(ITEMSIZE)))
     shape = draw(st.lists(st.integers(-2, 70), min_size=0, max_size=3))
     count = math.prod(shape) if shape and all(d >= 0 for d in shape) else 0
@@ -63,11 +73,11 @@ def solver_options(draw: st.DrawFn) -> pb.SolverOptions:
 
 infer_requests = st.builds(
     pb.InferRequest,
-    model=st.sampled_from(["digits", "nope", "", "../digits"]),
-    version=st.sampled_from(["", "1", "2", "x"]),
-    input=tensors(),
+    model=st.sampled_from(["digits", "digits", "digits", "nope", "", "../digits"]),
+    version=st.sampled_from(["", "", "1", "2", "x"]),
+    input=st.one_of(digits_batches(), digits_batches(), junk_tensors()),
     solver=solver_options(),
-    initial_state=st.one_of(st.just(pb.Tensor()), tensors()),
+    initial_state=st.one_of(st.just(pb.Tensor()), st.just(pb.Tensor()), junk_tensors()),
     return_state=st.booleans(),
 )
 

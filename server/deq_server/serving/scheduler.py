@@ -104,14 +104,29 @@ def _batch_key(job: SolveJob) -> tuple[Any, ...]:
 def _per_row(
     jobs: list[SolveJob], key: str, default: Any, dtype: torch.dtype, device: Any
 ) -> Tensor:
+    """One value per batch row from each job's scalar or per-sample setting.
+
+    Float settings are clamped to the dtype's range: a tolerance of 1e300 means "stop at once",
+    not an overflow to inf in float32.
+    """
     parts = []
     for job in jobs:
         value = job.solver.get(key, default)
         rows = job.x.shape[0]
         if isinstance(value, Tensor):
-            parts.append(value.to(device=device, dtype=dtype))
+            part = value.to(
+                device=device, dtype=torch.float64 if dtype.is_floating_point else dtype
+            )
         else:
-            parts.append(torch.full((rows,), value, dtype=dtype, device=device))
+            part = torch.full(
+                (rows,),
+                value,
+                dtype=torch.float64 if dtype.is_floating_point else dtype,
+                device=device,
+            )
+        if dtype.is_floating_point:
+            part = part.clamp(max=torch.finfo(dtype).max).to(dtype)
+        parts.append(part)
     return torch.cat(parts)
 
 
