@@ -22,9 +22,12 @@ METHODS = {
 STOP_MODES = {pb.STOP_MODE_ABS: "abs", pb.STOP_MODE_REL: "rel"}
 
 
+MAX_TOL = 1e30  # representable in float32: larger tolerances are surely typos
+
+
 def _check_tol(field: str, value: float, floor: float) -> None:
-    if not math.isfinite(value) or value <= 0:
-        raise invalid(field, "a finite number > 0", value)
+    if not math.isfinite(value) or not 0 < value <= MAX_TOL:
+        raise invalid(field, f"a number in (0, {MAX_TOL:g}]", value)
     if value < floor:
         raise invalid(field, f">= the server's floor {floor:g}", value)
 
