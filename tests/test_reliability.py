@@ -1,0 +1,92 @@
+"""Faults: a torn checkpoint is impossible, and a diverging fine-tune harms nothing served."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+from serving_harness import channel_to, running_server
+
+from deq_client.pb.deq.v1 import deq_pb2 as pb
+from deq_client.pb.deq.v1 import deq_pb2_grpc
+from deq_server.core import DEQModel, load_checkpoint
+from deq_server.models import bundled_checkpoints
+
+SAVER = textwrap.dedent(
+    """
+    import sys, torch
+    from deq_server.core import DEQModel, save_checkpoint
+    config = {"cell": "mlp", "in_features": 4, "hidden": 256, "out_features": 2}
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(DEQModel.from_config(config))
+    k = 0
+    while True:
+        print(k, flush=True)
+        save_checkpoint(models[k % 2], sys.argv[1])
+        k += 1
+    """
+)
+
+
+def test_sigkill_during_saves_always_leaves_a_whole_checkpoint(tmp_path):
+    path = tmp_path / "m.safetensors"
+    config = {"cell": "mlp", "in_features": 4, "hidden": 256, "out_features": 2}
+    expected = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        expected.append(DEQModel.from_config(config).state_dict())
+    rng = random.Random(0)
+    for _ in range(20):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SAVER, str(path)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(rng.randint(2, 40)):  # kill at a random point of a random save
+            proc.stdout.readline()
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        state = load_checkpoint(path).state_dict()
+        assert any(all(torch.equal(state[k], ref[k]) for k in ref) for ref in expected), (
+            "the checkpoint is neither the old nor the new one"
+        )
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "m.safetensors"]
+    assert all(name.startswith(".m.safetensors.") for name in leftovers)  # only temp files
+
+
+def test_a_diverging_fine_tune_skips_steps_and_leaves_serving_untouched(tmp_path):
+    shutil.copy(bundled_checkpoints()["digits"], tmp_path / "digits.safetensors")
+    x = np.random.default_rng(0).integers(0, 17, (4, 64)).astype(np.float32)
+    wire = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[4, 64], data=x.tobytes())
+    y = np.arange(4, dtype=np.int64)
+    targets = pb.Tensor(dtype=pb.DATA_TYPE_INT64, shape=[4], data=y.tobytes())
+    with running_server(model_dir=tmp_path) as server, channel_to(server) as channel:
+        stub = deq_pb2_grpc.DEQServiceStub(channel)
+        before = stub.Infer(pb.InferRequest(model="digits", input=wire)).output.data
+        config = pb.TrainConfig(
+            model="digits",
+            optimizer=pb.OPTIMIZER_SGD,
+            learning_rate=1e38,
+            loss=pb.LOSS_CROSS_ENTROPY,
+        )
+        batch = pb.TrainRequest(batch=pb.TrainBatch(inputs=wire, targets=targets))
+        call = stub.Train(iter([pb.TrainRequest(config=config), *[batch] * 6]))
+        events = [e for e in call]
+        steps = [e.step for e in events if e.WhichOneof("event") == "step"]
+        assert any(s.skipped for s in steps)
+        assert all(s.skip_reason.startswith("non-finite") for s in steps if s.skipped)
+        committed = events[-1].committed
+        assert committed.steps == sum(not s.skipped for s in steps)
+        # The served version 1 answered the same all along; the diverged weights are version 2.
+        assert (
+            stub.Infer(pb.InferRequest(model="digits", version="1", input=wire)).output.data
+            == before
+        )
+    published = load_checkpoint(tmp_path / "digits" / f"{committed.version}.safetensors")
+    assert published.provenance["user.steps"] == str(committed.steps)
