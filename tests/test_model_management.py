@@ -71,6 +71,7 @@ def test_load_serve_and_unload_a_checkpoint(stub, model_dir):
         ("a/b", "spare/other.safetensors", grpc.StatusCode.INVALID_ARGUMENT, "name"),
         ("..", "spare/other.safetensors", grpc.StatusCode.INVALID_ARGUMENT, "name"),
         ("bad\nname", "spare/other.safetensors", grpc.StatusCode.INVALID_ARGUMENT, "name"),
+        ("trailing\n", "spare/other.safetensors", grpc.StatusCode.INVALID_ARGUMENT, "name"),
     ],
 )
 def test_load_refuses_escapes_and_bad_files(stub, model_dir, name, path, code, text):
@@ -87,3 +88,33 @@ def test_unload_unknown_model_is_not_found(stub):
     with pytest.raises(grpc.RpcError) as info:
         stub.UnloadModel(pb.UnloadModelRequest(name="nope"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_concurrent_loads_get_distinct_versions(stub):
+    calls = [
+        stub.LoadModel.future(pb.LoadModelRequest(name="many", path="spare/other.safetensors"))
+        for _ in range(4)
+    ]
+    for call in calls:
+        call.result()
+    info = stub.GetModel(pb.GetModelRequest(name="many")).model
+    assert sorted(map(int, info.versions)) == [1, 2, 3, 4]
+
+
+def test_a_commit_never_overwrites_a_checkpoint_left_on_disk(stub, model_dir):
+    shutil.copy(model_dir / "digits.safetensors", model_dir / "kept.safetensors")
+    stub.LoadModel(pb.LoadModelRequest(name="kept", path="kept.safetensors"))
+    stub.UnloadModel(pb.UnloadModelRequest(name="kept"))  # its file stays: version 1 on disk
+    before = (model_dir / "kept.safetensors").read_bytes()
+    x = np.full((2, 64), 8.0, np.float32)
+    batch = pb.TrainBatch(
+        inputs=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[2, 64], data=x.tobytes()),
+        targets=pb.Tensor(dtype=pb.DATA_TYPE_INT64, shape=[2], data=np.array([1, 2]).tobytes()),
+    )
+    config = pb.TrainConfig(
+        model="digits", learning_rate=1e-3, loss=pb.LOSS_CROSS_ENTROPY, publish_as="kept"
+    )
+    events = list(stub.Train(iter([pb.TrainRequest(config=config), pb.TrainRequest(batch=batch)])))
+    assert events[-1].committed.version == "2"
+    assert (model_dir / "kept.safetensors").read_bytes() == before
+    assert (model_dir / "kept" / "2.safetensors").is_file()

@@ -258,7 +258,7 @@ def test_metrics_endpoint_exports_the_design_series_after_traffic(server, stub, 
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
     for series in [
         'deq_inference_requests_total{code="OK",model="digits"}',
-        'deq_inference_requests_total{code="NOT_FOUND",model="nope"}',
+        'deq_inference_requests_total{code="NOT_FOUND",model="unknown"}',
         'deq_inference_request_duration_seconds_count{model="digits"}',
         'deq_inference_queue_duration_seconds_count{model="digits"}',
         'deq_solver_iterations_count{method="anderson",model="digits",phase="forward"}',

@@ -26,13 +26,11 @@ def free_port() -> int:
 
 
 def pending(metrics_port: int) -> float:
+    """The pending-requests gauge of model `slow` (0 until its first request creates it)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
-    line = next(
-        ln
-        for ln in text.splitlines()
-        if ln.startswith('deq_inference_pending_requests{model="slow"}')
-    )
-    return float(line.rsplit(" ", 1)[1])
+    series = 'deq_inference_pending_requests{model="slow"}'
+    values = [float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(series)]
+    return values[0] if values else 0.0
 
 
 def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(tmp_path):
@@ -77,7 +75,7 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(tmp_path):
                 break
         proc.send_signal(signal.SIGTERM)
         in_flight.join(timeout=60)
-        assert len(answers) == 1
+        assert len(answers) == 1, proc.communicate(timeout=60)[1]
         assert set(answers[0].status) == {pb.SAMPLE_STATUS_MAX_ITER}
         assert list(answers[0].iterations) == [1000] * 32
         code = proc.wait(timeout=60)

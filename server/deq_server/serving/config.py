@@ -20,6 +20,7 @@ class ServerConfig:
     dtype: str = "float32"
     max_message_bytes: int = 64 * 2**20
     max_batch: int = 1024
+    max_queue: int = 1024
     max_iter_cap: int = 1000
     min_tol: float = 1e-10
     workers: int = 1
@@ -38,7 +39,8 @@ _HELP = {
     "device": "auto (CUDA when available, else CPU), cpu, cuda or cuda:N",
     "dtype": "float32 or float64 for the served weights",
     "max_message_bytes": "largest gRPC message accepted or sent",
-    "max_batch": "largest batch one request may carry",
+    "max_batch": "largest batch one request may carry (and rows per solver batch)",
+    "max_queue": "requests waiting for the solver before new ones get RESOURCE_EXHAUSTED",
     "max_iter_cap": "largest max_iter a request may ask for",
     "min_tol": "smallest tolerance a request may ask for",
     "workers": "solver threads (solver work never runs on the event loop)",

@@ -7,6 +7,7 @@ go-grpc-prometheus series for every RPC kind, streams included.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -132,7 +133,8 @@ class Metrics:
             iterations.observe(n)
         residual = self.residual.labels(model, phase)
         for value in result.residual.tolist():
-            residual.observe(value)
+            if math.isfinite(value):  # an Inf would poison the _sum series for good
+                residual.observe(value)
         if phase == "forward":
             counts = _bincount(result.status)
             for status in Status:

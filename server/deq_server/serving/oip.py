@@ -26,6 +26,7 @@ from .servicer import DEQServicer, model_info
 from .validate import METHODS, STOP_MODES
 
 _WIRE = {"FP32": (pb.DATA_TYPE_FLOAT32, "<f4"), "FP64": (pb.DATA_TYPE_FLOAT64, "<f8")}
+OUTPUTS = ("output", "iterations", "residual", "status")
 _METHOD_CODES = {name: code for code, name in METHODS.items()}
 _STOP_CODES = {name: code for code, name in STOP_MODES.items()}
 
@@ -45,8 +46,8 @@ def solver_from_parameters(params: Any) -> pb.SolverOptions:
                 raise invalid("parameters.tol", "a number", value)
             opts.tol = float(value)
         elif key == "max_iter":
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise invalid("parameters.max_iter", "an integer >= 1", value)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < 2**32:
+                raise invalid("parameters.max_iter", "an integer in 1..2**32-1", value)
             opts.max_iter = value
         elif key == "method":
             if value not in _METHOD_CODES:
@@ -57,7 +58,9 @@ def solver_from_parameters(params: Any) -> pb.SolverOptions:
                 raise invalid("parameters.stop_mode", f"one of {sorted(_STOP_CODES)}", value)
             opts.stop_mode = _STOP_CODES[value]
         elif key == "allow_partial":
-            opts.allow_partial = bool(value)
+            if not isinstance(value, bool):
+                raise invalid("parameters.allow_partial", "a bool", value)
+            opts.allow_partial = value
         else:
             raise invalid(
                 f"parameters.{key}", "tol, max_iter, method, stop_mode or allow_partial", key
@@ -157,6 +160,9 @@ class OIPServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelInferResponse:
+        unknown = [o.name for o in request.outputs if o.name not in OUTPUTS]
+        if unknown:
+            raise invalid("outputs", f"names among {sorted(OUTPUTS)}", unknown)
         deq_request = pb.InferRequest(
             model=request.model_name,
             version=request.model_version,
@@ -173,9 +179,6 @@ class OIPServicer(oip_grpc.GRPCInferenceServiceServicer):
             "status": _output("status", "INT32", np.asarray(answer.status, np.int32)),
         }
         wanted = [o.name for o in request.outputs] or list(produced)
-        unknown = [name for name in wanted if name not in produced]
-        if unknown:
-            raise invalid("outputs", f"names among {sorted(produced)}", unknown)
         response = oip.ModelInferResponse(
             model_name=request.model_name, model_version=answer.model_version, id=request.id
         )

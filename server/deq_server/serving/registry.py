@@ -77,6 +77,23 @@ class Registry:
         self.device = device
         self.dtype = dtype
         self.models: dict[str, ServedModel] = {}
+        self._reserved: dict[str, set[int]] = {}
+
+    def reserve_version(self, name: str, model_dir: Path | None) -> str:
+        """The next version number of `name`, past every served, on-disk or reserved one.
+
+        Call on the event loop before any await; `release` it once published or abandoned, so
+        two concurrent publications never share a number or overwrite a file.
+        """
+        used = self._reserved.setdefault(name, set())
+        on_disk = discover(model_dir).get(name, {})
+        served = self.models[name].versions if name in self.models else {}
+        version = 1 + max((*map(int, served), *map(int, on_disk), *used), default=0)
+        used.add(version)
+        return str(version)
+
+    def release(self, name: str, version: str) -> None:
+        self._reserved.get(name, set()).discard(int(version))
 
     def load_version(self, version: str, path: Path) -> ModelVersion:
         """Load a checkpoint as an eval-mode model on the serving device (not yet served)."""

@@ -6,6 +6,7 @@ LoadModel reads only inside the model directory; UnloadModel stops serving, file
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from .config import ServerConfig
 from .errors import (
     DeadlineExceededError,
     FailedPreconditionError,
+    ResourceExhaustedError,
     code_of,
     invalid,
     status_of,
@@ -80,6 +82,10 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         received = time.monotonic()
         name = request.model
         _, version = self.registry.resolve(name, request.version)
+        if self.scheduler.pending() >= self.config.max_queue:
+            raise ResourceExhaustedError(
+                f"{self.scheduler.pending()} requests are queued (--max-queue {self.config.max_queue}); retry later"
+            )
         model = version.model
         x, z0 = validate.model_inputs(request, model, self.config)
         solver = validate.solver_options(request.solver, x.shape[0], self.config)
@@ -99,6 +105,9 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
             self.metrics.queue_seconds.labels(name).observe(outcome.queue_seconds)
             self.metrics.batch_size.labels(name).observe(outcome.batch_rows)
 
+        x = validate.representable(x.to(dtype=dtype), "input.data")
+        if z0 is not None:
+            z0 = validate.representable(z0.to(dtype=dtype), "initial_state.data")
         job = SolveJob(
             model=model,
             x=x.to(device=device, dtype=dtype),
@@ -143,8 +152,10 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         return response
 
     def _count(self, model: str, code: grpc.StatusCode, seconds: float) -> None:
-        self.metrics.requests.labels(model, code.name).inc()
-        self.metrics.request_seconds.labels(model).observe(seconds)
+        # Unknown names share one label value: clients must not mint new series.
+        label = model if model in self.registry.models else "unknown"
+        self.metrics.requests.labels(label, code.name).inc()
+        self.metrics.request_seconds.labels(label).observe(seconds)
 
     async def infer_counted(
         self, request: pb.InferRequest, time_remaining: float | None
@@ -228,8 +239,19 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
                 yield pb.TrainResponse(step=event)
             if session is None:
                 raise invalid("message", "a config as the first message", "an empty stream")
-            published = await asyncio.to_thread(session.commit)
-            self.registry.publish(published.name, published.entry)
+            version = self.registry.reserve_version(session.publish_as, self.config.model_dir)
+            try:
+                commit = asyncio.ensure_future(asyncio.to_thread(session.commit, version))
+                try:
+                    published = await asyncio.shield(commit)
+                except asyncio.CancelledError:
+                    # The caller left mid-commit: let the write finish, then take it back.
+                    with contextlib.suppress(Exception):
+                        (await commit).entry.path.unlink()
+                    raise
+                self.registry.publish(published.name, published.entry)
+            finally:
+                self.registry.release(session.publish_as, version)
             self.metrics.model_info.labels(
                 published.name, published.entry.version, str(self.registry.device)
             ).set(1)
@@ -260,12 +282,14 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         served = self.registry.models.get(name)
         if served is not None and served.training:
             raise FailedPreconditionError(f"model {name!r} is being trained")
-        version = str(1 + max((int(v) for v in served.versions), default=0)) if served else "1"
+        version = self.registry.reserve_version(name, None)
         try:
             entry = await asyncio.to_thread(self.registry.load_version, version, path)
+            self.registry.publish(name, entry)
         except CheckpointError as exc:
             raise invalid("path", "a valid deq-serve checkpoint", exc) from None
-        self.registry.publish(name, entry)
+        finally:
+            self.registry.release(name, version)
         self.metrics.model_info.labels(name, version, str(self.registry.device)).set(1)
         return pb.LoadModelResponse(
             model=model_info(self.registry.models[name], str(self.registry.device))

@@ -40,7 +40,7 @@ _LOSSES = {pb.LOSS_MSE: "mse", pb.LOSS_CROSS_ENTROPY: "cross_entropy"}
 
 def check_model_name(field: str, name: str) -> str:
     """A model name usable as a file name: no separators, no dot-dot, no control characters."""
-    if not MODEL_NAME.match(name) or ".." in name:
+    if not MODEL_NAME.fullmatch(name) or ".." in name:
         raise invalid(
             field, "a name of letters, digits, '.', '_' or '-' (no path parts)", repr(name)
         )
@@ -72,7 +72,7 @@ def confined_path(model_dir: Path | None, relative: str) -> Path:
     return path
 
 
-def _backward(config: pb.TrainConfig, model: DEQModel) -> Backward:
+def _backward(config: pb.TrainConfig, model: DEQModel, server: ServerConfig) -> Backward:
     mode = config.gradient_mode
     if mode == pb.GRADIENT_MODE_PHANTOM:
         return Phantom()
@@ -83,6 +83,12 @@ def _backward(config: pb.TrainConfig, model: DEQModel) -> Backward:
     base = model.backward_strategy if isinstance(model.backward_strategy, IFT) else IFT()
     tol = config.backward_tol if config.HasField("backward_tol") else base.tol
     max_iter = config.backward_max_iter if config.HasField("backward_max_iter") else base.max_iter
+    if not (math.isfinite(tol) and server.min_tol <= tol <= validate.MAX_TOL):
+        raise invalid(
+            "config.backward_tol", f"a number in [{server.min_tol:g}, {validate.MAX_TOL:g}]", tol
+        )
+    if not 1 <= max_iter <= server.max_iter_cap:
+        raise invalid("config.backward_max_iter", f"1..{server.max_iter_cap}", max_iter)
     try:
         return IFT(tol=tol, max_iter=max_iter, method=base.method, stop_mode=base.stop_mode)
     except ValueError as exc:
@@ -143,7 +149,7 @@ class TrainSession:
         self.served: ServedModel = served
         self.source = version
         self.model = copy.deepcopy(version.model).train()
-        self.backward = _backward(config, self.model)
+        self.backward = _backward(config, self.model, server)
         self.optimizer = _optimizer(config, self.model.parameters())
         self.loss = _LOSSES[config.loss]
         self.registry, self.server, self.metrics = registry, server, metrics
@@ -243,14 +249,18 @@ class TrainSession:
         (jtv,) = torch.autograd.grad(fz, z, v, create_graph=True)
         return jtv.pow(2).sum() / v.numel()
 
-    def commit(self) -> Published:
-        """Save atomically as the next version and load it back as served (worker thread)."""
+    def commit(self, version: str) -> Published:
+        """Save atomically as `version` (reserved by the caller) and load it back (worker thread)."""
         assert self.server.model_dir is not None
-        target = self.registry.models.get(self.publish_as)
-        version = 1 + max((int(v) for v in target.versions), default=0) if target else 1
         folder = Path(self.server.model_dir) / self.publish_as
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{version}.safetensors"
+        if path.exists() or not folder.resolve().is_relative_to(
+            Path(self.server.model_dir).resolve()
+        ):
+            raise FailedPreconditionError(
+                f"refusing to write {path}: it exists or leaves the model dir"
+            )
         model = self.model.eval().cpu()
         save_checkpoint(
             model, path, metadata={"steps": str(self.steps)}, parent=str(self.source.path)

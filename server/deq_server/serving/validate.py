@@ -95,3 +95,10 @@ def model_inputs(
         if z0.shape[0] != x.shape[0]:
             raise invalid("initial_state.shape[0]", f"the input's batch {x.shape[0]}", z0.shape[0])
     return x, z0
+
+
+def representable(x: torch.Tensor, field: str) -> torch.Tensor:
+    """`x` after the cast to the serving dtype, refused if values overflowed to Inf there."""
+    if not bool(torch.isfinite(x).all()):
+        raise invalid(field, f"values within the {x.dtype} range", "values that overflow it")
+    return x
