@@ -135,8 +135,9 @@ def run_batch(jobs: list[SolveJob]) -> list[SolveOutcome]:
     start = time.monotonic()
     model = jobs[0].model
     defaults = model.config["solver"]
-    x = torch.cat([job.x for job in jobs])
-    device = x.device
+    device = next(model.parameters()).device
+    # Host<->device copies happen here, on the solver thread, never on the event loop.
+    x = torch.cat([job.x for job in jobs]).to(device)
     sizes = [job.x.shape[0] for job in jobs]
     row_job = torch.repeat_interleave(
         torch.arange(len(jobs), device=device), torch.tensor(sizes, device=device)
@@ -146,19 +147,27 @@ def run_batch(jobs: list[SolveJob]) -> list[SolveOutcome]:
     solver["max_iter"] = _per_row(jobs, "max_iter", defaults["max_iter"], torch.int64, device)
     z0 = None
     if any(job.z0 is not None for job in jobs):
-        z0 = torch.cat([job.z0 if job.z0 is not None else model.init_state(job.x) for job in jobs])
+        z0 = torch.cat(
+            [job.z0.to(device) if job.z0 is not None else model.init_state(job.x) for job in jobs]
+        )
     with torch.no_grad():
         y, result = model(x, z0=z0, should_stop=stop_hook(jobs, row_job), **solver)
+    y, z = y.cpu(), result.z.cpu()
+    iterations, residual, status = (
+        result.iterations.cpu(),
+        result.residual.cpu(),
+        result.status.cpu(),
+    )
     solve_seconds = time.monotonic() - start
     outcomes, offset = [], 0
     for job, rows in zip(jobs, sizes, strict=True):
         part = slice(offset, offset + rows)
         offset += rows
         piece = SolveResult(
-            z=result.z[part],
-            iterations=result.iterations[part],
-            residual=result.residual[part],
-            status=result.status[part],
+            z=z[part],
+            iterations=iterations[part],
+            residual=residual[part],
+            status=status[part],
             steps=result.steps,
         )
         outcome = SolveOutcome(y[part], piece, start - job.submitted, solve_seconds, x.shape[0])

@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-import torch
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_client.pb.deq.v1 import deq_pb2_grpc
@@ -89,9 +88,7 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         model = version.model
         x, z0 = validate.model_inputs(request, model, self.config)
         solver = validate.solver_options(request.solver, x.shape[0], self.config)
-        device, dtype = self.registry.device, self.registry.dtype
-        if isinstance(solver.get("tol"), torch.Tensor):
-            solver["tol"] = solver["tol"].to(device=device, dtype=dtype)
+        dtype = self.registry.dtype
         deadline = None
         if time_remaining is not None:
             deadline = received + max(time_remaining - DEADLINE_MARGIN_S, 0.0)
@@ -110,9 +107,9 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
             z0 = validate.representable(z0.to(dtype=dtype), "initial_state.data")
         job = SolveJob(
             model=model,
-            x=x.to(device=device, dtype=dtype),
+            x=x,
             solver=solver,
-            z0=None if z0 is None else z0.to(device=device, dtype=dtype),
+            z0=z0,
             deadline=deadline,
             budget_deadline=budget,
             submitted=received,
