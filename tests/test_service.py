@@ -313,3 +313,12 @@ def test_a_client_that_cancels_stops_the_solver(tmp_path):
         )
         assert mean < 1000  # stopped early, not run to max_iter
         assert values['deq_inference_requests_total{code="CANCELLED",model="slow"}'] == 1
+
+
+def test_a_full_queue_answers_resource_exhausted():
+    x = wire(np.full((1, 64), 8.0, np.float32))
+    with running_server(max_queue=0) as server, channel_to(server) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            deq_pb2_grpc.DEQServiceStub(channel).Infer(pb.InferRequest(model="digits", input=x))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--max-queue" in info.value.details()
