@@ -317,8 +317,11 @@ def test_a_client_that_cancels_stops_the_solver(tmp_path):
 
 def test_a_full_queue_answers_resource_exhausted():
     x = wire(np.full((1, 64), 8.0, np.float32))
-    with running_server(max_queue=0) as server, channel_to(server) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            deq_pb2_grpc.DEQServiceStub(channel).Infer(pb.InferRequest(model="digits", input=x))
+    with (
+        running_server(max_queue=0) as server,
+        channel_to(server) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        deq_pb2_grpc.DEQServiceStub(channel).Infer(pb.InferRequest(model="digits", input=x))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "--max-queue" in info.value.details()
