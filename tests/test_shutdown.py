@@ -91,3 +91,53 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sigterm_with_64_calls_in_flight_answers_every_one(tmp_path):
+    slow_model_dir(tmp_path)
+    port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deq_server",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--metrics-address",
+            f"127.0.0.1:{metrics_port}",
+            "--model-dir",
+            str(tmp_path),
+            "--grace-seconds",
+            "60",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+            stub = deq_pb2_grpc.DEQServiceStub(channel)
+            x = np.ones((1, 8), np.float32)
+            request = pb.InferRequest(
+                model="slow",
+                input=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[1, 8], data=x.tobytes()),
+            )
+            calls = [stub.Infer.future(request, timeout=120) for _ in range(64)]
+            for _ in range(100_000):  # bounded: each check is an HTTP round trip
+                if pending(metrics_port) >= 64:
+                    break
+            proc.send_signal(signal.SIGTERM)
+            codes = []
+            for call in calls:
+                try:
+                    call.result(timeout=120)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+        assert codes.count(grpc.StatusCode.OK) == 64  # all were in flight: all answered
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
