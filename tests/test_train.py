@@ -204,3 +204,25 @@ def test_training_metrics_are_exported(model_dir):
         == 128
     )
     assert values['deq_model_info{device="cpu",model="digits",version="2"}'] == 1
+
+
+def test_training_one_model_never_blocks_inference_on_another(model_dir):
+    shutil.copy(model_dir / "digits.safetensors", model_dir / "other.safetensors")
+    with running_server(model_dir=model_dir) as server, channel_to(server) as channel:
+        stub = deq_pb2_grpc.DEQServiceStub(channel)
+        gate = threading.Event()
+
+        def held_open():
+            yield config()
+            yield from shifted_digit_batches(2)
+            gate.wait(timeout=60)
+
+        session = stub.Train(held_open())
+        next(session)  # the session on digits is live and holds its lock
+        x = np.full((2, 64), 8.0, np.float32)
+        for _ in range(5):
+            answer = stub.Infer(pb.InferRequest(model="other", input=wire(x)), timeout=30)
+            assert list(answer.status) == [pb.SAMPLE_STATUS_CONVERGED] * 2
+        assert stub.GetModel(pb.GetModelRequest(name="digits")).model.training
+        gate.set()
+        assert list(session)[-1].committed.version == "2"
