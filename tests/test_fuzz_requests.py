@@ -7,6 +7,7 @@ INTERNAL or UNKNOWN), and the server must still answer a good request afterwards
 from __future__ import annotations
 
 import math
+import shutil
 
 import grpc
 import numpy as np
@@ -19,7 +20,14 @@ from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_client.pb.deq.v1 import deq_pb2_grpc
 from deq_client.pb.inference import grpc_service_pb2 as oip
 from deq_client.pb.inference import grpc_service_pb2_grpc as oip_grpc
+from deq_server.models import bundled_checkpoints
 
+TRAIN_ALLOWED = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
 ALLOWED = {
     grpc.StatusCode.OK,
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -102,6 +110,91 @@ def model_infer_requests(draw: st.DrawFn) -> oip.ModelInferRequest:
         }[kind]
         setattr(param, kind, value)
     return request
+
+
+CONFIG_FAULTS = {
+    "model": ["nope", ""],
+    "optimizer": [5, -1 % 2**31],
+    "learning_rate": [0.0, -1.0, float("nan"), 1e38],
+    "loss": [0, 3],
+    "gradient_mode": [4, 9],
+    "jacobian_reg_weight": [-1.0, float("inf")],
+    "publish_as": ["../x", "a/b", "x\n"],
+    "backward_tol": [0.0, 1e300, float("nan")],
+    "backward_max_iter": [0, 2**32 - 1],
+    "max_grad_norm": [0.0, -1.0],
+    "max_steps": [1],
+}
+
+
+@st.composite
+def train_configs(draw: st.DrawFn) -> pb.TrainConfig:
+    """A valid session config, or one with a single field made wrong."""
+    config = pb.TrainConfig(
+        model="digits",
+        optimizer=draw(st.sampled_from([pb.OPTIMIZER_ADAM, pb.OPTIMIZER_ADAMW, pb.OPTIMIZER_SGD])),
+        learning_rate=1e-3,
+        loss=pb.LOSS_CROSS_ENTROPY,
+        gradient_mode=draw(
+            st.sampled_from([pb.GRADIENT_MODE_IFT, pb.GRADIENT_MODE_PHANTOM, pb.GRADIENT_MODE_JFB])
+        ),
+        jacobian_reg_weight=draw(st.sampled_from([0.0, 0.1])),
+    )
+    if draw(st.booleans()):
+        field = draw(st.sampled_from(sorted(CONFIG_FAULTS)))
+        setattr(config, field, draw(st.sampled_from(CONFIG_FAULTS[field])))
+    return config
+
+
+@st.composite
+def train_batches(draw: st.DrawFn) -> pb.TrainBatch:
+    """Usually a well-formed digits batch with matching class targets; sometimes junk."""
+    rows = draw(st.integers(1, 8))
+    x = np.full((rows, 64), draw(st.sampled_from([0.0, 8.0, 16.0])), "<f4")
+    inputs = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[rows, 64], data=x.tobytes())
+    classes = (np.arange(rows) % 10).astype("<i8")
+    targets = pb.Tensor(dtype=pb.DATA_TYPE_INT64, shape=[rows], data=classes.tobytes())
+    if draw(st.integers(0, 4)) == 0:
+        inputs = draw(junk_tensors())
+    if draw(st.integers(0, 4)) == 0:
+        targets = draw(junk_tensors())
+    return pb.TrainBatch(inputs=inputs, targets=targets)
+
+
+@st.composite
+def train_streams(draw: st.DrawFn) -> list[pb.TrainRequest]:
+    """Train message sequences: usually config then batches; sometimes out of order."""
+    messages = [
+        pb.TrainRequest(config=draw(train_configs()))
+        if draw(st.integers(0, 9)) == 0
+        else pb.TrainRequest(batch=draw(train_batches()))
+        for _ in range(draw(st.integers(0, 4)))
+    ]
+    if draw(st.integers(0, 4)) > 0:
+        messages.insert(0, pb.TrainRequest(config=draw(train_configs())))
+    return messages
+
+
+@pytest.fixture(scope="module")
+def train_channel(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    shutil.copy(bundled_checkpoints()["digits"], folder / "digits.safetensors")
+    with running_server(model_dir=folder, max_batch=64) as server, channel_to(server) as ch:
+        yield ch
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(messages=train_streams())
+def test_fuzzed_train_streams_get_documented_codes(train_channel, messages):
+    stub = deq_pb2_grpc.DEQServiceStub(train_channel)
+    code, details = grpc.StatusCode.OK, ""
+    try:
+        list(stub.Train(iter(messages), timeout=60))
+    except grpc.RpcError as exc:
+        code, details = exc.code(), exc.details()
+    assert code in TRAIN_ALLOWED, (code, details)
 
 
 @pytest.fixture(scope="module")
