@@ -1,9 +1,11 @@
 """A short soak: 64 concurrent clients of mixed Infer on a real server process for 30 s, with a
-Train session committing every 10 s. Zero failed calls; the server's open files and threads do not
-grow after warm-up.
+Train session committing every 10 s. Zero failed calls; after warm-up the server's open files and
+threads do not grow. Both footprints are taken right after a Train commit.
 
-Resident memory is measured but not yet asserted: it grew 28% in 30 s after warm-up on the
-development VM (277 -> 355 MB), against the reliability issue's 5% target; see the README."""
+Resident memory is measured and printed but not yet asserted (the reliability issue's target is
+< 5%): on the development VM it went 276 -> 355 MB. Inference alone stays flat (+-1%); a training
+session's working memory (about 65 MB) stays resident once sessions interleave with inference load,
+and each published version stays served (about 70 KB per `digits` commit). See the README."""
 
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ async def trainer(stub, until: float, failures: list[str], commits: list[str]) -
     config = pb.TrainConfig(
         model="digits", learning_rate=1e-4, loss=pb.LOSS_CROSS_ENTROPY, publish_as="digits-soak"
     )
-    while time.monotonic() < until:
+    while (left := until - time.monotonic()) > 0:
+        await asyncio.sleep(min(COMMIT_EVERY, left))  # pacing of the workload, not synchronisation
         requests = [pb.TrainRequest(config=config)] + [
             pb.TrainRequest(batch=pb.TrainBatch(inputs=tensor(x), targets=tensor(y)))
         ] * 3
@@ -74,7 +77,6 @@ async def trainer(stub, until: float, failures: list[str], commits: list[str]) -
             commits.append(events[-1].committed.version)
         except grpc.RpcError as exc:
             failures.append(f"Train {exc.code().name}: {exc.details()}")
-        await asyncio.sleep(COMMIT_EVERY)  # pacing of the workload, not synchronisation
 
 
 async def load(port: int, pid: int) -> dict:
