@@ -54,7 +54,7 @@ class SolveOutcome:
 
 
 class Scheduler(Protocol):
-    """What the servicers need; the continuous-batching scheduler implements the same."""
+    """What the servicers need; a continuous-batching scheduler (a later issue) will implement it too."""
 
     async def submit(self, job: SolveJob) -> SolveOutcome: ...
 
