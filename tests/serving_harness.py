@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,3 +57,29 @@ def running_server(**overrides: object) -> Iterator[RunningServer]:
 def channel_to(running: RunningServer) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         yield channel
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago (for servers run as separate processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_argv(
+    port: int, model_dir: object, metrics_port: int | None = None, *extra: str
+) -> list[str]:
+    """The command line of a `python -m deq_server` process on 127.0.0.1."""
+    metrics = "" if metrics_port is None else f"127.0.0.1:{metrics_port}"
+    return [
+        sys.executable,
+        "-m",
+        "deq_server",
+        "--address",
+        f"127.0.0.1:{port}",
+        "--metrics-address",
+        metrics,
+        "--model-dir",
+        str(model_dir),
+        *extra,
+    ]

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import urllib.request
 
@@ -13,16 +11,11 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving_harness import free_port, server_argv
 from small_models import slow_model_dir
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_client.pb.deq.v1 import deq_pb2_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pending(metrics_port: int) -> float:
@@ -37,19 +30,7 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(tmp_path):
     slow_model_dir(tmp_path)
     port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deq_server",
-            "--address",
-            f"127.0.0.1:{port}",
-            "--metrics-address",
-            f"127.0.0.1:{metrics_port}",
-            "--model-dir",
-            str(tmp_path),
-            "--grace-seconds",
-            "30",
-        ],
+        server_argv(port, tmp_path, metrics_port, "--grace-seconds", "30"),
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -97,19 +78,7 @@ def test_sigterm_with_64_calls_in_flight_answers_every_one(tmp_path):
     slow_model_dir(tmp_path)
     port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deq_server",
-            "--address",
-            f"127.0.0.1:{port}",
-            "--metrics-address",
-            f"127.0.0.1:{metrics_port}",
-            "--model-dir",
-            str(tmp_path),
-            "--grace-seconds",
-            "60",
-        ],
+        server_argv(port, tmp_path, metrics_port, "--grace-seconds", "60"),
         stderr=subprocess.PIPE,
         text=True,
     )

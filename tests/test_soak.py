@@ -14,13 +14,12 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
-from test_shutdown import free_port
+from serving_harness import free_port, server_argv
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_client.pb.deq.v1 import deq_pb2_grpc
@@ -109,17 +108,7 @@ def test_soak_mixed_infer_with_periodic_commits(tmp_path):
     shutil.copy(bundled_checkpoints()["digits"], tmp_path / "digits.safetensors")
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deq_server",
-            "--address",
-            f"127.0.0.1:{port}",
-            "--metrics-address",
-            "",
-            "--model-dir",
-            str(tmp_path),
-        ],
+        server_argv(port, tmp_path, None),
         stderr=subprocess.DEVNULL,
     )
     try:

@@ -43,10 +43,6 @@ class DeadlineExceededError(ServingError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-class UnavailableError(ServingError):
-    code = grpc.StatusCode.UNAVAILABLE
-
-
 def invalid(field: str, expected: str, got: object) -> InvalidArgumentError:
     """INVALID_ARGUMENT naming the field, what was expected and what came."""
     return InvalidArgumentError(f"{field}: expected {expected}, got {got}")
