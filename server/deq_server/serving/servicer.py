@@ -102,9 +102,9 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
             self.metrics.queue_seconds.labels(name).observe(outcome.queue_seconds)
             self.metrics.batch_size.labels(name).observe(outcome.batch_rows)
 
-        x = validate.representable(x.to(dtype=dtype), "input.data")
+        x = validate.cast(x, dtype, "input.data")
         if z0 is not None:
-            z0 = validate.representable(z0.to(dtype=dtype), "initial_state.data")
+            z0 = validate.cast(z0, dtype, "initial_state.data")
         job = SolveJob(
             model=model,
             x=x,

@@ -97,8 +97,14 @@ def model_inputs(
     return x, z0
 
 
-def representable(x: torch.Tensor, field: str) -> torch.Tensor:
-    """`x` after the cast to the serving dtype, refused if values overflowed to Inf there."""
-    if not bool(torch.isfinite(x).all()):
-        raise invalid(field, f"values within the {x.dtype} range", "values that overflow it")
-    return x
+def cast(x: torch.Tensor, dtype: torch.dtype, field: str) -> torch.Tensor:
+    """`x` in the serving dtype, refused if a narrowing cast overflowed values to Inf.
+
+    `x` was checked finite on arrival, so only a change of dtype needs another look.
+    """
+    if x.dtype == dtype:
+        return x
+    y = x.to(dtype=dtype)
+    if not bool(torch.isfinite(y).all()):
+        raise invalid(field, f"values within the {dtype} range", "values that overflow it")
+    return y
