@@ -68,7 +68,13 @@ class RunningServer:
 async def start_server(config: ServerConfig) -> RunningServer:
     """Load the models, then start gRPC (health SERVING only once loaded) and /metrics."""
     metrics = Metrics()
-    registry = Registry(resolve_device(config.device), getattr(torch, config.dtype))
+    device = resolve_device(config.device)
+    registry = Registry(
+        device,
+        getattr(torch, config.dtype),
+        keep_versions=config.keep_versions,
+        on_evict=lambda name, version: metrics.model_info.remove(name, version, str(device)),
+    )
     registry.load_all(config.model_dir)
     for name, served in registry.models.items():
         for version in served.versions:

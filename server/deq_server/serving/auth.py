@@ -1,11 +1,14 @@
 """Optional bearer-token auth with two scopes: `infer` and `admin` (Train, LoadModel, UnloadModel).
 
 Admin tokens carry both scopes. Health and reflection stay open so that probes and tools work.
-Tokens are compared with `hmac.compare_digest`, against every configured token.
+A presented token is hashed (sha256) and compared with `hmac.compare_digest` against the digest of
+every configured token, with no early exit: the time taken depends neither on how much of a guess
+is right, nor on its length, nor on which token it matches. Tokens are never logged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
@@ -18,6 +21,11 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 def split_tokens(raw: str) -> list[str]:
     return [t.strip() for t in raw.split(",") if t.strip()]
+
+
+def _digest(token: str) -> bytes:
+    """Fixed-length stand-in for a token, so that comparisons never leak its length."""
+    return hashlib.sha256(token.encode()).digest()
 
 
 def _bearer(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
@@ -57,13 +65,13 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """UNAUTHENTICATED without a valid token; PERMISSION_DENIED without the method's scope."""
 
     def __init__(self, infer_tokens: list[str], admin_tokens: list[str]) -> None:
-        self._tokens = [(t.encode(), {"infer"}) for t in infer_tokens]
-        self._tokens += [(t.encode(), {"infer", "admin"}) for t in admin_tokens]
+        self._tokens = [(_digest(t), {"infer"}) for t in infer_tokens]
+        self._tokens += [(_digest(t), {"infer", "admin"}) for t in admin_tokens]
 
     def _scopes(self, token: str | None) -> set[str] | None:
         if token is None:
             return None
-        given, found = token.encode(), None
+        given, found = _digest(token), None
         for known, scopes in self._tokens:  # no early exit: time does not depend on the match
             if hmac.compare_digest(given, known):
                 found = scopes

@@ -23,6 +23,9 @@ class ServerConfig:
     max_queue: int = 1024
     max_iter_cap: int = 1000
     min_tol: float = 1e-10
+    max_train_steps: int = 10_000
+    max_train_sessions: int = 4
+    keep_versions: int = 2
     workers: int = 1
     grace_seconds: float = 10.0
     log_format: str = "text"
@@ -43,6 +46,9 @@ _HELP = {
     "max_queue": "requests waiting for the solver before new ones get RESOURCE_EXHAUSTED",
     "max_iter_cap": "largest max_iter a request may ask for",
     "min_tol": "smallest tolerance a request may ask for",
+    "max_train_steps": "most batches one Train stream may send (its config's max_steps too)",
+    "max_train_sessions": "Train sessions open at once, over all models (one per model always)",
+    "keep_versions": "newest published versions of each model kept in memory (older: disk only)",
     "workers": "solver threads (solver work never runs on the event loop)",
     "grace_seconds": "how long in-flight calls may finish after SIGTERM",
     "log_format": "text or json",
@@ -80,4 +86,7 @@ def parse_config(
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
+    for name in ("max_train_steps", "max_train_sessions", "keep_versions"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return ServerConfig(**vars(args))

@@ -3,12 +3,17 @@
 Layout of the model directory: `<name>.safetensors` is version 1 of `<name>`; `<name>/<N>.safetensors`
 is version N. With no checkpoint there (or no directory), the bundled demo models are served.
 A checkpoint that fails to load is logged and skipped: the other models keep serving.
+
+Memory stays bounded however many versions training publishes: only the newest `keep_versions`
+of each model stay loaded (like Triton's `latest` version policy). Older versions keep their files
+and answer NOT_FOUND saying they were unloaded; LoadModel serves such a file again.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,13 +76,31 @@ def discover(model_dir: Path | None) -> dict[str, dict[str, Path]]:
 
 
 class Registry:
-    """Name -> ServedModel, on one device and dtype."""
+    """Name -> ServedModel, on one device and dtype, keeping the newest `keep_versions` of each.
 
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+    `on_evict(name, version)` runs for every version dropped from memory (metrics clean-up).
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        keep_versions: int | None = None,
+        on_evict: Callable[[str, str], None] | None = None,
+    ) -> None:
+        if keep_versions is not None and keep_versions < 1:
+            raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
         self.device = device
         self.dtype = dtype
+        self.keep_versions = keep_versions
+        self.on_evict = on_evict
         self.models: dict[str, ServedModel] = {}
         self._reserved: dict[str, set[int]] = {}
+
+    @property
+    def training_sessions(self) -> int:
+        """Train sessions open now (each holds its model's `training` flag)."""
+        return sum(served.training for served in self.models.values())
 
     def reserve_version(self, name: str, model_dir: Path | None) -> str:
         """The next version number of `name`, past every served, on-disk or reserved one.
@@ -105,9 +128,22 @@ class Registry:
         self.publish(name, entry)
         return entry
 
-    def publish(self, name: str, entry: ModelVersion) -> None:
-        """Serve a new version (one dict assignment: readers see the old or the new, never a mix)."""
-        self.models.setdefault(name, ServedModel(name)).versions[entry.version] = entry
+    def publish(self, name: str, entry: ModelVersion) -> list[str]:
+        """Serve a new version (one dict assignment: readers see the old or the new, never a mix),
+        then unload the versions past the newest `keep_versions`; returns those unloaded.
+
+        Calls already holding an unloaded version finish with it: only the registry lets go.
+        """
+        served = self.models.setdefault(name, ServedModel(name))
+        served.versions[entry.version] = entry
+        if self.keep_versions is None:
+            return []
+        evicted = served.ordered_versions()[: -self.keep_versions]
+        for version in evicted:
+            del served.versions[version]
+            if self.on_evict is not None:
+                self.on_evict(name, version)
+        return evicted
 
     def load_all(self, model_dir: Path | None) -> None:
         """Load every checkpoint of the directory, or the bundled demos when it holds none."""
@@ -116,11 +152,15 @@ class Registry:
             found = {name: {"1": path} for name, path in bundled_checkpoints().items()}
             log.info("no checkpoint in %s: serving the bundled models %s", model_dir, sorted(found))
         for name, versions in found.items():
-            for version, path in versions.items():
+            loaded = 0
+            for version in sorted(versions, key=int, reverse=True):  # newest first
+                if self.keep_versions is not None and loaded >= self.keep_versions:
+                    break  # older files stay on disk, unloaded
                 try:
-                    self.add(name, version, path)
+                    self.add(name, version, versions[version])
+                    loaded += 1
                 except (ValueError, OSError) as exc:
-                    log.error("skipping %s: %s", path, exc)
+                    log.error("skipping %s: %s", versions[version], exc)
 
     def resolve(self, name: str, version: str = "") -> tuple[ServedModel, ModelVersion]:
         """The model and the requested (or latest) version; NOT_FOUND names what is missing."""
@@ -131,7 +171,17 @@ class Registry:
             return served, served.latest
         entry = served.versions.get(version)
         if entry is None:
-            raise NotFoundError(
-                f"model {name!r} has no version {version!r}; versions: {served.ordered_versions()}"
-            )
+            loaded = served.ordered_versions()
+            if (
+                self.keep_versions
+                and loaded
+                and version.isdigit()
+                and int(version) < int(loaded[0])
+            ):
+                raise NotFoundError(
+                    f"version {version!r} of model {name!r} is not loaded: the server keeps the "
+                    f"newest {self.keep_versions} versions in memory (--keep-versions), now "
+                    f"{loaded}; its checkpoint stays on disk, and LoadModel serves it again"
+                )
+            raise NotFoundError(f"model {name!r} has no version {version!r}; versions: {loaded}")
         return served, entry

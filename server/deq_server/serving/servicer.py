@@ -246,12 +246,12 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
                     with contextlib.suppress(Exception):
                         (await commit).entry.path.unlink()
                     raise
-                self.registry.publish(published.name, published.entry)
+                self.metrics.model_info.labels(
+                    published.name, published.entry.version, str(self.registry.device)
+                ).set(1)
+                self.registry.publish(published.name, published.entry)  # may unload old ones
             finally:
                 self.registry.release(session.publish_as, version)
-            self.metrics.model_info.labels(
-                published.name, published.entry.version, str(self.registry.device)
-            ).set(1)
             yield pb.TrainResponse(
                 committed=pb.TrainCommitted(
                     model=published.name, version=published.entry.version, steps=published.steps
@@ -282,12 +282,12 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         version = self.registry.reserve_version(name, None)
         try:
             entry = await asyncio.to_thread(self.registry.load_version, version, path)
-            self.registry.publish(name, entry)
+            self.metrics.model_info.labels(name, version, str(self.registry.device)).set(1)
+            self.registry.publish(name, entry)  # may unload old versions
         except CheckpointError as exc:
             raise invalid("path", "a valid deq-serve checkpoint", exc) from None
         finally:
             self.registry.release(name, version)
-        self.metrics.model_info.labels(name, version, str(self.registry.device)).set(1)
         return pb.LoadModelResponse(
             model=model_info(self.registry.models[name], str(self.registry.device))
         )

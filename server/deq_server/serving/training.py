@@ -4,6 +4,12 @@ A session holds the model's training lock from its config message to its end. Ea
 optimizer step (a step whose loss or gradient is not finite is skipped and says so). Committing
 saves the weights atomically into the model directory and publishes them as a new version;
 a session that ends any other way writes nothing and publishes nothing.
+
+Server caps no request can lift: one session per model and `--max-train-sessions` in all
+(RESOURCE_EXHAUSTED past it), at most `--max-train-steps` batches per stream (a config asking for
+more is INVALID_ARGUMENT; the batch past the cap RESOURCE_EXHAUSTED), and the inference caps on
+every batch (`--max-batch`, `--max-iter-cap`, `--min-tol`). A session lets go of its weights and
+optimizer state when it ends, so memory does not grow with the number of sessions served.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from deq_server.core import IFT, JFB, Backward, DEQModel, Phantom, save_checkpoi
 
 from . import tensors, validate
 from .config import ServerConfig
-from .errors import FailedPreconditionError, NotFoundError, invalid
+from .errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError, invalid
 from .metrics import Metrics
 from .registry import ModelVersion, Registry, ServedModel
 
@@ -136,6 +142,17 @@ class TrainSession:
         served, version = registry.resolve(config.model, config.version)
         if served.training:
             raise FailedPreconditionError(f"model {served.name!r} is already being trained")
+        if registry.training_sessions >= server.max_train_sessions:
+            raise ResourceExhaustedError(
+                f"{registry.training_sessions} Train sessions are open "
+                f"(--max-train-sessions {server.max_train_sessions}); retry later"
+            )
+        if config.max_steps > server.max_train_steps:
+            raise invalid(
+                "config.max_steps",
+                f"0..{server.max_train_steps} (--max-train-steps; 0 means that cap)",
+                config.max_steps,
+            )
         self.publish_as = check_model_name("config.publish_as", config.publish_as or served.name)
         if config.loss not in _LOSSES:
             raise invalid("config.loss", "MSE or CROSS_ENTROPY", config.loss)
@@ -159,9 +176,16 @@ class TrainSession:
         metrics.train_sessions.inc()
 
     def close(self) -> None:
-        """Release the model's training lock (whatever way the session ended)."""
+        """Release the model's training lock and the session's memory (however it ended).
+
+        The weights and optimizer state go now, not when the last reference to the session does
+        (a cancelled step's worker thread may still hold it); a step still running on them
+        fails on the missing attributes, and its result is discarded.
+        """
         self.served.training = False
         self.metrics.train_sessions.dec()
+        self.optimizer.state.clear()
+        del self.optimizer, self.model
 
     def _targets(self, t: pb.Tensor, batch: int) -> torch.Tensor:
         shape = self.model.output_shape
@@ -188,6 +212,11 @@ class TrainSession:
         if self.config.max_steps and self.batches >= self.config.max_steps:
             raise FailedPreconditionError(
                 f"max_steps ({self.config.max_steps}) reached; close the stream to commit"
+            )
+        if self.batches >= self.server.max_train_steps:
+            raise ResourceExhaustedError(
+                f"the server's --max-train-steps ({self.server.max_train_steps}) batches per "
+                "Train stream were sent; close the stream before it to commit"
             )
         self.batches += 1
         x = validate.batch_tensor(batch.inputs, "batch.inputs", self.model.input_shape, self.server)
