@@ -26,6 +26,8 @@ from torch import Tensor
 
 from deq_server.core import SolveResult, Status
 
+from .device_metrics import DeviceMemoryCollector
+
 SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ITERATIONS = (
     1,
@@ -63,6 +65,7 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
+        r.register(DeviceMemoryCollector())
         self.requests = Counter(
             "deq_inference_requests",
             "Inference requests by outcome.",
@@ -130,7 +133,8 @@ class Metrics:
         """Per-sample facts of one solve (forward or backward)."""
         iterations = self.iterations.labels(model, method, phase)
         for n in result.iterations.tolist():
-            iterations.observe(n)
+            if n > 0:  # 0: never evaluated (its caller left while it was queued)
+                iterations.observe(n)
         residual = self.residual.labels(model, phase)
         for value in result.residual.tolist():
             if math.isfinite(value):  # an Inf would poison the _sum series for good
