@@ -84,9 +84,11 @@ def test_a_diverging_fine_tune_skips_steps_and_leaves_serving_untouched(tmp_path
         committed = events[-1].committed
         assert committed.steps == sum(not s.skipped for s in steps)
         # The served version 1 answered the same all along; the diverged weights are version 2.
-        assert (
-            stub.Infer(pb.InferRequest(model="digits", version="1", input=wire)).output.data
-            == before
+        # Same to float rounding, not bit for bit: solver batches (and so GEMM blocking and
+        # Anderson's ring order) differ from call to call.
+        after = stub.Infer(pb.InferRequest(model="digits", version="1", input=wire)).output.data
+        np.testing.assert_allclose(
+            np.frombuffer(after, np.float32), np.frombuffer(before, np.float32), rtol=1e-4
         )
     published = load_checkpoint(tmp_path / "digits" / f"{committed.version}.safetensors")
     assert published.provenance["user.steps"] == str(committed.steps)

@@ -295,9 +295,9 @@ def test_a_client_that_cancels_stops_the_solver(tmp_path):
         stub = deq_pb2_grpc.DEQServiceStub(channel)
         x = wire(np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
         call = stub.Infer.future(pb.InferRequest(model="slow", input=x))
-        pending = 'deq_inference_pending_requests{model="slow"}'
+        solving = 'deq_batch_size_count{model="slow"}'  # observed when a solver batch starts
         for _ in range(20_000):  # bounded; each check is an HTTP round trip
-            if scrape(server).get(pending, 0) >= 1:
+            if scrape(server).get(solving, 0) >= 1:
                 break
         call.cancel()
         cancelled = 'deq_solver_samples_total{model="slow",status="CANCELLED"}'

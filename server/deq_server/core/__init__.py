@@ -9,6 +9,7 @@ from ._convert import mlp_to_deq
 from ._implicit import IFT, JFB, Backward, Phantom, make_backward
 from ._methods import METHODS
 from ._model import DEQModel
+from ._slots import Retired, SlotPool, SlotStopHook
 from ._solve import Progress, SolveResult, StopHook, solve
 from ._status import Status
 
@@ -22,6 +23,9 @@ __all__ = [
     "DEQModel",
     "Phantom",
     "Progress",
+    "Retired",
+    "SlotPool",
+    "SlotStopHook",
     "SolveResult",
     "Status",
     "StopHook",

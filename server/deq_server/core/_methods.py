@@ -1,14 +1,17 @@
-"""Fixed-point methods as small step objects; the loop, counting and retirement live in `_solve`.
+"""Fixed-point methods as small step objects; the loop, counting and retirement live in `_solve`
+(and, for iteration-level batching, in `_slots`).
 
 Each method sees flattened active rows only: `z` (A, n) the current iterate, `g = f(z) - z` its
 residual vector. `step` returns the next iterate; `select` keeps a subset of rows when samples
 retire. Every update is row-local, so one sample's history never influences another's.
+Methods whose state updates its tensors in place (`SLOTTED = True`) can also run in a fixed pool of
+slots where rows join mid-way: a row whose state tensors are zeroed starts with an empty history.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -29,6 +32,7 @@ class Picard:
     """Plain fixed-point iteration z <- z + damping * (f(z) - z)."""
 
     damping: float = 1.0
+    SLOTTED: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.damping <= 1.0:
@@ -50,9 +54,10 @@ class _AndersonState:
     least-squares system: E[:, 0] is the current residual g, E[:, 1:] a ring of residual
     differences dG; X is the matching ring of mixing columns dX + beta dG.
 
-    Slots fill in order, so the first min(written, m) ring slots are live. A row without a usable
-    difference (no previous iterate yet) stores zeros: a zero column gets gamma = 0 from the
-    ridge, so rows of different ages can share one buffer without masks.
+    The ring position is shared by all rows; `age` counts each row's own steps. A row's live
+    columns are the ring slots it wrote itself (the last min(age, m)); the others are zero (a row
+    joins with zeroed state) and are masked out of its system. A row without a usable difference
+    (no previous iterate yet) writes a zero column, which the ridge gives gamma = 0.
     """
 
     E: Tensor
@@ -60,6 +65,7 @@ class _AndersonState:
     z_prev: Tensor
     g_prev: Tensor
     has_prev: Tensor  # (A, 1): 1.0 where z_prev/g_prev hold this row's previous iterate
+    age: Tensor  # (A,) int64: steps this row has taken
     written: int
 
     def select(self, keep: Tensor) -> _AndersonState:
@@ -69,6 +75,7 @@ class _AndersonState:
             z_prev=self.z_prev.index_select(0, keep),
             g_prev=self.g_prev.index_select(0, keep),
             has_prev=self.has_prev.index_select(0, keep),
+            age=self.age.index_select(0, keep),
             written=self.written,
         )
 
@@ -86,6 +93,7 @@ class Anderson:
     m: int = 6
     beta: float = 1.0
     reg: float = 1e-8
+    SLOTTED: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.m < 1:
@@ -103,6 +111,7 @@ class Anderson:
             z_prev=torch.zeros_like(z),
             g_prev=torch.zeros_like(z),
             has_prev=z.new_zeros(rows, 1),
+            age=torch.zeros(rows, dtype=torch.int64, device=z.device),
             written=0,
         )
 
@@ -115,14 +124,22 @@ class Anderson:
         torch.sub(z, state.z_prev, out=mix).mul_(state.has_prev).add_(dg, alpha=self.beta)
         state.E[:, 0] = g
         state.written += 1
-        state.z_prev, state.g_prev, state.has_prev = z, g, torch.ones_like(state.has_prev)
+        state.z_prev.copy_(z)
+        state.g_prev.copy_(g)
+        state.has_prev.fill_(1.0)
+        state.age.add_(1)
 
         k = min(state.written, self.m)
         live = state.E[:, : k + 1]
         products = live @ live.transpose(1, 2)  # [g, dG]^T [g, dG]: rhs and Gram at once
         gram, rhs = products[:, 1:, 1:], products[:, 1:, :1]
         diag = gram.diagonal(dim1=1, dim2=2)
-        diag.add_(self.reg * diag.mean(dim=1, keepdim=True))
+        # Ridge from the mean over the row's own columns; columns it never wrote get a unit
+        # diagonal (and zero rhs), hence gamma = 0, exactly as if they were absent.
+        steps_ago = (slot - torch.arange(k, device=z.device)) % self.m
+        dead = steps_ago[None, :] >= state.age[:, None]
+        own = state.age.clamp(max=k).clamp(min=1).to(diag.dtype)[:, None]
+        diag.add_(self.reg * diag.sum(dim=1, keepdim=True) / own + dead.to(diag.dtype))
         gamma, info = torch.linalg.solve_ex(gram, rhs, check_errors=False)
         good = (info == 0) & torch.isfinite(gamma).all(dim=(1, 2))
         gamma = torch.where(good[:, None, None], gamma, 0.0)
@@ -162,6 +179,7 @@ class Broyden:
 
     m: int = 8
     growth: float = 10.0
+    SLOTTED: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.m < 1:

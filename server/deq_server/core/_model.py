@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 from typing import Any
 
 import torch
@@ -12,6 +14,11 @@ from torch.nn.utils import parametrize
 from ._cells import CELLS, resolve_config
 from ._implicit import Backward, backward_config, make_backward
 from ._solve import SolveResult, StopHook, check_solver_options, solve
+
+# torch's parametrization cache is process-global: while any thread is inside `cached()`, no
+# entry is dropped, so a training step could reuse another step's weights. Forwards of models
+# with parametrizations therefore enter it one at a time; `frozen()` copies never enter it.
+_PARAMETRIZE_CACHE = threading.Lock()
 
 SOLVER_DEFAULTS: dict[str, Any] = {
     "method": "anderson",
@@ -89,6 +96,35 @@ class DEQModel(nn.Module):
         """Shape of one sample's fixed-point state."""
         return self.layer.state_shape
 
+    def solver_options(self, **overrides: Any) -> dict[str, Any]:
+        """The solver settings a call with these keyword overrides would use (None = default)."""
+        return _call_options(self._config["solver"], overrides)
+
+    def frozen(self) -> DEQModel:
+        """An inference-only copy (eval, no grad) with every weight parametrization baked into a
+        plain weight: nothing recomputed per call, and torch's global parametrization cache unused."""
+        out = copy.deepcopy(self).eval().requires_grad_(False)
+        for module in list(out.modules()):
+            if parametrize.is_parametrized(module):
+                # Not remove_parametrizations: the copy shares its injected class with `self`,
+                # and removing would delete the property from that shared class.
+                names: list[str] = list(getattr(module, "parametrizations").keys())  # noqa: B009
+                values = {n: getattr(module, n).detach().clone() for n in names}
+                module.__class__ = parametrize.type_before_parametrizations(module)
+                del module._modules["parametrizations"]
+                for n, value in values.items():
+                    module.register_parameter(n, nn.Parameter(value, requires_grad=False))
+        return out
+
+    def _weights_cached(self) -> contextlib.AbstractContextManager[Any]:
+        """Parametrized weights computed once per call (not per solver iteration)."""
+        if not any(parametrize.is_parametrized(m) for m in self.modules()):
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(_PARAMETRIZE_CACHE)
+        stack.enter_context(parametrize.cached())
+        return stack
+
     def inject(self, x: Tensor) -> Tensor:
         return self.layer.inject(x)
 
@@ -113,8 +149,7 @@ class DEQModel(nn.Module):
     ) -> tuple[Tensor, SolveResult]:
         opts = _call_options(self._config["solver"], solver)
         strategy = self.backward_strategy if backward is None else make_backward(backward)
-        # Weight parametrizations (norms) are computed once per call, not once per iteration.
-        with parametrize.cached():
+        with self._weights_cached():
             inj = self.inject(x)
             start = self.init_state(x) if z0 is None else z0
             result = solve(self.cell, start, args=(inj.detach(),), should_stop=should_stop, **opts)

@@ -23,6 +23,7 @@ from deq_client.pb.inference import grpc_service_pb2_grpc as oip_grpc
 
 from .auth import TokenAuthInterceptor, split_tokens
 from .config import ServerConfig, parse_config
+from .continuous import ContinuousScheduler
 from .metrics import GrpcMetricsInterceptor, Metrics
 from .oip import OIPServicer
 from .registry import Registry, resolve_device
@@ -65,6 +66,17 @@ class RunningServer:
             self._metrics_http.shutdown()
 
 
+def make_scheduler(config: ServerConfig, metrics: Metrics) -> Scheduler:
+    """The scheduler `--scheduler` names; both report busy rows per solver batch."""
+
+    def on_batch(model: str, rows: int) -> None:
+        metrics.batch_size.labels(model).observe(rows)
+
+    if config.scheduler == "request":
+        return RequestScheduler(config.workers, config.max_batch, on_batch=on_batch)
+    return ContinuousScheduler(config.max_batch_slots, config.max_batch, on_batch=on_batch)
+
+
 async def start_server(config: ServerConfig) -> RunningServer:
     """Load the models, then start gRPC (health SERVING only once loaded) and /metrics."""
     metrics = Metrics()
@@ -79,7 +91,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     for name, served in registry.models.items():
         for version in served.versions:
             metrics.model_info.labels(name, version, str(registry.device)).set(1)
-    scheduler = RequestScheduler(workers=config.workers, max_batch=config.max_batch)
+    scheduler = make_scheduler(config, metrics)
 
     limits = [
         ("grpc.max_receive_message_length", config.max_message_bytes),

@@ -27,6 +27,8 @@ class ServerConfig:
     max_train_sessions: int = 4
     keep_versions: int = 2
     workers: int = 1
+    scheduler: str = "continuous"
+    max_batch_slots: int = 128
     grace_seconds: float = 10.0
     log_format: str = "text"
     infer_tokens: str = ""
@@ -49,7 +51,9 @@ _HELP = {
     "max_train_steps": "most batches one Train stream may send (its config's max_steps too)",
     "max_train_sessions": "Train sessions open at once, over all models (one per model always)",
     "keep_versions": "newest published versions of each model kept in memory (older: disk only)",
-    "workers": "solver threads (solver work never runs on the event loop)",
+    "workers": "solver threads of the request scheduler (solver work never runs on the event loop)",
+    "scheduler": "continuous (samples join and leave the solver batch every iteration) or request",
+    "max_batch_slots": "solver slots per model version and method setting (continuous scheduler)",
     "grace_seconds": "how long in-flight calls may finish after SIGTERM",
     "log_format": "text or json",
     "infer_tokens": "comma-separated bearer tokens with the infer scope (none: auth off)",
@@ -57,7 +61,11 @@ _HELP = {
     "tls_cert": "PEM certificate chain: serve TLS (with --tls-key)",
     "tls_key": "PEM private key of --tls-cert",
 }
-_CHOICES = {"dtype": ["float32", "float64"], "log_format": ["text", "json"]}
+_CHOICES = {
+    "dtype": ["float32", "float64"],
+    "log_format": ["text", "json"],
+    "scheduler": ["continuous", "request"],
+}
 
 
 def env_name(field: str) -> str:

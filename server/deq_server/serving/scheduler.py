@@ -1,8 +1,10 @@
 """All solving goes through a scheduler: `submit(job)` returns an awaitable per-request outcome.
 
-`RequestScheduler` is the first implementation: request-level batching on worker threads (never
-on the event loop). Cancellation and deadlines reach the solver through its
-per-iteration hook, so a caller that gives up stops costing compute within one iteration.
+`RequestScheduler` batches at request level on worker threads (never on the event loop): a batch
+runs until its slowest sample retires. `ContinuousScheduler` (continuous.py, the default) batches
+at iteration level. In both, cancellation and deadlines reach the solver every iteration, so a
+caller that gives up stops costing compute within one iteration. Both solve with each model's
+`frozen()` inference copy.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +40,8 @@ class SolveJob:
     budget_deadline: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
+    # The served name, for metrics labels.
+    model_name: str = ""
     # Called on the solver thread with the job's outcome, even when its caller has gone:
     # per-sample facts are recorded where they are born.
     on_solved: Callable[[SolveOutcome], None] | None = None
@@ -54,7 +59,7 @@ class SolveOutcome:
 
 
 class Scheduler(Protocol):
-    """What the servicers need; a continuous-batching scheduler (a later issue) will implement it too."""
+    """What the servicers need: `RequestScheduler` here, `ContinuousScheduler` in continuous.py."""
 
     async def submit(self, job: SolveJob) -> SolveOutcome: ...
 
@@ -95,6 +100,19 @@ def stop_hook(jobs: list[SolveJob], row_job: Tensor) -> Any:
     return should_stop
 
 
+_FROZEN: weakref.WeakKeyDictionary[DEQModel, DEQModel] = weakref.WeakKeyDictionary()
+_FROZEN_LOCK = threading.Lock()
+
+
+def frozen(model: DEQModel) -> DEQModel:
+    """The model's inference copy (`DEQModel.frozen`), made once per served model object."""
+    with _FROZEN_LOCK:
+        copy = _FROZEN.get(model)
+        if copy is None:
+            copy = _FROZEN[model] = model.frozen()
+        return copy
+
+
 def _batch_key(job: SolveJob) -> tuple[Any, ...]:
     """Jobs with equal keys can share one solve: same model version and method settings."""
     options = {k: v for k, v in job.solver.items() if k not in ("tol", "max_iter")}
@@ -130,10 +148,15 @@ def _per_row(
     return torch.cat(parts)
 
 
-def run_batch(jobs: list[SolveJob]) -> list[SolveOutcome]:
-    """Solve compatible jobs as one batch (per-row tolerances and caps) on the calling thread."""
+def run_batch(
+    jobs: list[SolveJob], on_batch: Callable[[str, int], None] | None = None
+) -> list[SolveOutcome]:
+    """Solve compatible jobs as one batch (per-row tolerances and caps) on the calling thread.
+
+    `on_batch(model_name, rows)` is called once per batch (for deq_batch_size).
+    """
     start = time.monotonic()
-    model = jobs[0].model
+    model = frozen(jobs[0].model)
     defaults = model.config["solver"]
     device = next(model.parameters()).device
     # Host<->device copies happen here, on the solver thread, never on the event loop.
@@ -142,6 +165,8 @@ def run_batch(jobs: list[SolveJob]) -> list[SolveOutcome]:
     row_job = torch.repeat_interleave(
         torch.arange(len(jobs), device=device), torch.tensor(sizes, device=device)
     )
+    if on_batch is not None:
+        on_batch(jobs[0].model_name, x.shape[0])
     solver = {k: v for k, v in jobs[0].solver.items() if k not in ("tol", "max_iter")}
     solver["tol"] = _per_row(jobs, "tol", defaults["tol"], x.dtype, device)
     solver["max_iter"] = _per_row(jobs, "max_iter", defaults["max_iter"], torch.int64, device)
@@ -186,7 +211,13 @@ class RequestScheduler:
     in the solver at once, each on its own thread.
     """
 
-    def __init__(self, workers: int = 1, max_batch: int = 256) -> None:
+    def __init__(
+        self,
+        workers: int = 1,
+        max_batch: int = 256,
+        on_batch: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self._on_batch = on_batch
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deq-solver")
         self._workers = workers
         self._max_batch = max_batch
@@ -241,7 +272,7 @@ class RequestScheduler:
                 continue
             try:
                 outcomes = await loop.run_in_executor(
-                    self._executor, run_batch, [j for j, _ in batch]
+                    self._executor, run_batch, [j for j, _ in batch], self._on_batch
                 )
             except Exception as exc:
                 for _, future in batch:

@@ -100,7 +100,6 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         def record(outcome: SolveOutcome) -> None:
             self.metrics.record_solve(name, method, "forward", outcome.result)
             self.metrics.queue_seconds.labels(name).observe(outcome.queue_seconds)
-            self.metrics.batch_size.labels(name).observe(outcome.batch_rows)
 
         x = validate.cast(x, dtype, "input.data")
         if z0 is not None:
@@ -113,6 +112,7 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
             deadline=deadline,
             budget_deadline=budget,
             submitted=received,
+            model_name=name,
             on_solved=record,
         )
         gauge = self.metrics.pending.labels(name)

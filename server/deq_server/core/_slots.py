@@ -1,0 +1,212 @@
+"""Iteration-level batching: a fixed pool of solver slots that samples join and leave every step.
+
+`solve` takes a batch, runs it to the end and returns. A `SlotPool` never ends: the caller admits
+samples into free slots, calls `step()` (one f evaluation and one method step over the busy
+slots), and gets back the samples that retired in that step, each at its own tolerance, cap or
+stop verdict. Per sample, the arithmetic is `solve`'s: same residuals, same retirement rules, same
+lowest-residual state, and a method history that starts empty when the sample joins (Anderson's
+per-row masks keep a newcomer from mixing with the previous occupant of its slot or with its
+neighbours). Only methods whose state is updated in place (`SLOTTED`) can run here.
+
+Layout: the buffers have a fixed number of rows; busy slots are kept packed at the front, so a step
+works on views of the first `busy` rows and retiring a sample moves the last busy rows into its
+hole. Host work per step: one device-to-host copy of the retirement flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._methods import make_method
+from ._solve import STOP_MODES, _classify, residual_norms
+from ._status import RUNNING
+
+# Given the owners of the busy slots (slot order), the per-slot stop statuses (0 = keep going),
+# or None when nothing stops.
+SlotStopHook = Callable[[Sequence[Any]], Tensor | None]
+
+
+@dataclass
+class Retired:
+    """Samples that left the pool in one step: who they belong to and their results (on the
+    pool's device). `z` is each sample's lowest-residual iterate, as in `SolveResult`."""
+
+    owners: list[Any]
+    z: Tensor
+    iterations: Tensor
+    residual: Tensor
+    status: Tensor
+
+
+def _state_tensors(state: Any) -> list[tuple[str, Tensor]]:
+    if state is None:
+        return []
+    return [
+        (f.name, getattr(state, f.name))
+        for f in dataclasses.fields(state)
+        if isinstance(getattr(state, f.name), Tensor)
+    ]
+
+
+class SlotPool:
+    """`slots` solver rows for one model and one method setting; each row is one sample.
+
+    `f(z, inj)` maps (A, *state_shape) states and (A, *inj_shape) injections to next states.
+    Tolerances and caps are per sample (given at admission); `stop_mode`, the method and its
+    options are the pool's. Not thread-safe: one thread admits and steps.
+    """
+
+    def __init__(
+        self,
+        f: Callable[[Tensor, Tensor], Tensor],
+        *,
+        slots: int,
+        state_shape: Sequence[int],
+        inj_shape: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        method: str = "anderson",
+        stop_mode: str = "rel",
+        divergence: float = 1e5,
+        **options: Any,
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if stop_mode not in STOP_MODES:
+            raise ValueError(f"unknown stop_mode {stop_mode!r}; expected one of {list(STOP_MODES)}")
+        self._method = make_method(method, **options)
+        if not getattr(self._method, "SLOTTED", False):
+            raise ValueError(f"method {method!r} cannot run in slots (its state is not row-local)")
+        self.slots = slots
+        self.stop_mode = stop_mode
+        self.divergence = divergence
+        self.steps = 0
+        self._f = f
+        self._shape = tuple(state_shape)
+        width = math.prod(self._shape)
+        self._z = torch.zeros(slots, width, dtype=dtype, device=device)
+        self._best = torch.zeros_like(self._z)
+        self._inj = torch.zeros(slots, *inj_shape, dtype=dtype, device=device)
+        # Same column layout as `solve`'s bookkeeping (so `_classify` applies):
+        # ints = (unused, f-evaluations, max_iter); flts = (tol, first abs residual, lowest residual).
+        self._ints = torch.zeros(slots, 3, dtype=torch.int64, device=device)
+        self._flts = torch.zeros(slots, 3, dtype=dtype, device=device)
+        self._state = self._method.init(self._z)
+        self._owners: list[Any] = []
+
+    @property
+    def busy(self) -> int:
+        return len(self._owners)
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self._owners)
+
+    @property
+    def owners(self) -> list[Any]:
+        """Owners of the busy slots, in slot order (a copy)."""
+        return list(self._owners)
+
+    def admit(
+        self, owners: Sequence[Any], z0: Tensor, inj: Tensor, tol: Tensor, max_iter: Tensor
+    ) -> None:
+        """Put k samples into free slots: initial states (k, *state_shape), injections, and their
+        own tolerances (k,) and caps (k,). Their first f evaluation happens at the next `step`."""
+        k, start = len(owners), self.busy
+        if k > self.free:
+            raise ValueError(f"{k} samples do not fit in {self.free} free slots")
+        if not bool(((tol > 0) & torch.isfinite(tol)).all()) or not bool((max_iter >= 1).all()):
+            raise ValueError("every sample needs a finite tol > 0 and max_iter >= 1")
+        rows = slice(start, start + k)
+        self._z[rows] = z0.reshape(k, -1)
+        self._best[rows] = self._z[rows]
+        self._inj[rows] = inj
+        self._ints[rows, :2] = 0
+        self._ints[rows, 2] = max_iter
+        self._flts[rows, 0] = tol
+        self._flts[rows, 1:] = float("inf")
+        for _, t in _state_tensors(self._state):
+            t[rows] = 0
+        self._owners.extend(owners)
+
+    def step(self, should_stop: SlotStopHook | None = None) -> Retired | None:
+        """One iteration over the busy slots; returns the samples that retired (None if none)."""
+        n = len(self._owners)
+        if n == 0:
+            return None
+        z, ints, flts = self._z[:n], self._ints[:n], self._flts[:n]
+        fz = self._f(z.view(n, *self._shape), self._inj[:n]).reshape(n, -1)
+        self.steps += 1
+        ints[:, 1] += 1
+        g = fz - z
+        abs_res, res = residual_norms(fz, g, self.stop_mode)
+        flts[:, 1] = torch.where(ints[:, 1] == 1, abs_res, flts[:, 1])
+        better = res < flts[:, 2]  # False for NaN
+        flts[:, 2] = torch.where(better, res, flts[:, 2])
+        self._best[:n] = torch.where(better[:, None], z, self._best[:n])
+
+        running = (res > flts[:, 0]) & (ints[:, 1] < ints[:, 2])
+        running &= abs_res <= self.divergence * flts[:, 1]
+        stop = should_stop(self._owners) if should_stop is not None else None
+        if stop is not None:
+            stop = stop.to(device=z.device, dtype=torch.int64)
+            running &= stop == RUNNING
+        leaving = (~running).cpu()  # the one host sync per step
+        retired = None
+        if bool(leaving.any()):
+            retired, g = self._retire(leaving, res, abs_res, stop, g)
+            n = len(self._owners)
+        if n:
+            view = (
+                dataclasses.replace(
+                    self._state, **{name: t[:n] for name, t in _state_tensors(self._state)}
+                )
+                if self._state is not None
+                else None
+            )
+            z_next = self._method.step(view, self._z[:n], g[:n])
+            if view is not None:
+                self._state.written = view.written
+            self._z[:n] = z_next
+        return retired
+
+    def _retire(
+        self, leaving: Tensor, res: Tensor, abs_res: Tensor, stop: Tensor | None, g: Tensor
+    ) -> tuple[Retired, Tensor]:
+        """Collect the leaving rows' results, then move the last busy rows into their holes."""
+        n = len(self._owners)
+        ints, flts = self._ints[:n], self._flts[:n]
+        status = _classify(res, abs_res, ints, flts, self.divergence)
+        if stop is not None:
+            status = torch.where(status == RUNNING, stop, status)
+        done = leaving.nonzero().squeeze(1)
+        done_list = done.tolist()
+        at = done.to(self._z.device)
+        retired = Retired(
+            owners=[self._owners[i] for i in done_list],
+            z=self._best.index_select(0, at).view(-1, *self._shape),
+            iterations=ints[:, 1].index_select(0, at),
+            residual=flts[:, 2].index_select(0, at),
+            status=status.index_select(0, at),
+        )
+        keep = n - len(done_list)
+        holes = [i for i in done_list if i < keep]
+        if holes:
+            movers = [keep + i for i in (~leaving[keep:]).nonzero().squeeze(1).tolist()]
+            dst = torch.tensor(holes, device=self._z.device)
+            src = torch.tensor(movers, device=self._z.device)
+            buffers = [self._z, self._best, self._inj, self._ints, self._flts, g]
+            buffers += [t for _, t in _state_tensors(self._state)]
+            for t in buffers:
+                t.index_copy_(0, dst, t.index_select(0, src))
+            for h, m in zip(holes, movers, strict=True):
+                self._owners[h] = self._owners[m]
+        del self._owners[keep:]
+        return retired, g

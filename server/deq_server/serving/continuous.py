@@ -1,0 +1,378 @@
+"""Iteration-level (continuous) batching: requests join and leave the solver batch every step.
+
+One solver thread owns a `SlotPool` per lane (a model version plus the method settings that must
+be shared by a batch). Each loop turn, per lane: admit waiting samples into free slots (FIFO; a
+request larger than the free slots is admitted in parts), run one solver iteration over the busy
+slots, and hand each retired sample's result to its request; a request completes when its last
+sample retires. A loose request therefore leaves after a few iterations even when a tight one
+holds the neighbouring slots, and a cancelled or late request frees its slots within one step.
+
+Methods whose state is not row-local (broyden) are solved by the request-level scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deq_server.core import METHODS, SlotPool, SolveResult, Status
+
+from .scheduler import RequestScheduler, SolveJob, SolveOutcome, _limit, _per_row
+
+# An idle lane (no busy slot, nobody waiting) is dropped after this long; its buffers go with it.
+IDLE_LANE_SECONDS = 30.0
+
+BatchObserver = Callable[[str, int], None]
+
+
+@dataclass(eq=False)
+class _Ticket:
+    """One request inside the scheduler: its per-sample settings and where results go."""
+
+    job: SolveJob
+    future: asyncio.Future[SolveOutcome]
+    tol: Tensor
+    max_iter: Tensor
+    y: Tensor
+    z: Tensor
+    iterations: Tensor
+    residual: Tensor
+    status: Tensor
+    limit: float | None
+    admitted: int = 0
+    done: int = 0
+    started: float | None = None
+    first_step: int = 0
+    outcome: SolveOutcome | None = None
+    error: BaseException | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.job.x.shape[0])
+
+    def stopping(self, now: float) -> int:
+        """The status that stops this request's samples now, or 0."""
+        if self.job.cancelled.is_set():
+            return int(Status.CANCELLED)
+        if self.limit is not None and now >= self.limit:
+            return int(Status.DEADLINE)
+        return 0
+
+
+def _lane_key(job: SolveJob) -> tuple[Any, ...]:
+    """Requests with equal keys share a pool: same model object and same non-per-sample options."""
+    options = job.model.solver_options(**job.solver)
+    shared = {k: v for k, v in options.items() if k not in ("tol", "max_iter")}
+    return (id(job.model), tuple(sorted(shared.items())))
+
+
+class _Lane:
+    """A slot pool for one model version and method setting, with its FIFO of waiting requests."""
+
+    def __init__(self, job: SolveJob, slots: int, on_batch: BatchObserver | None) -> None:
+        self.source = job.model  # held so that id(source) in the lane key stays unique
+        self.model = job.model.frozen()
+        self.name = job.model_name
+        options = job.model.solver_options(**job.solver)
+        shared = {k: v for k, v in options.items() if k not in ("tol", "max_iter")}
+        ref = next(self.model.parameters())
+        self.device, self.dtype = ref.device, ref.dtype
+        with torch.no_grad():
+            probe = self.model.inject(torch.zeros(1, *self.model.input_shape, dtype=self.dtype))
+        self.pool = SlotPool(
+            self.model.cell,
+            slots=slots,
+            state_shape=self.model.state_shape,
+            inj_shape=probe.shape[1:],
+            dtype=self.dtype,
+            device=self.device,
+            **shared,
+        )
+        self.defaults = self.model.config["solver"]  # per-sample tol/max_iter when unset
+        self.waiting: deque[_Ticket] = deque()
+        self.active: dict[_Ticket, None] = {}  # admitted, not finished; insertion-ordered
+        self.idle_since = time.monotonic()
+        self._on_batch = on_batch
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and self.pool.busy == 0
+
+    def ticket(self, job: SolveJob, future: asyncio.Future[SolveOutcome]) -> _Ticket:
+        rows = job.x.shape[0]
+        model, dtype = self.model, self.dtype
+
+        def empty(*shape: int, kind: torch.dtype = dtype) -> Tensor:
+            return torch.empty(rows, *shape, dtype=kind)
+
+        return _Ticket(
+            job=job,
+            future=future,
+            tol=_per_row([job], "tol", self.defaults["tol"], dtype, "cpu"),
+            max_iter=_per_row([job], "max_iter", self.defaults["max_iter"], torch.int64, "cpu"),
+            y=empty(*model.output_shape),
+            z=empty(*model.state_shape),
+            iterations=empty(kind=torch.int64),
+            residual=empty(),
+            status=empty(kind=torch.int64),
+            limit=_limit(job),
+        )
+
+    def admit(self) -> None:
+        """FIFO: fill free slots from the head of the queue, one batched injection for all."""
+        chunks: list[tuple[_Ticket, int, int]] = []
+        free, now = self.pool.free, time.monotonic()
+        while self.waiting and free:
+            ticket = self.waiting[0]
+            if ticket.admitted == 0 and ticket.future.done():  # the caller left while queued
+                self.waiting.popleft()
+                self._drop(ticket)
+                continue
+            k = min(free, ticket.rows - ticket.admitted)
+            chunks.append((ticket, ticket.admitted, k))
+            if ticket.admitted == 0:
+                ticket.started, ticket.first_step = now, self.pool.steps
+                self.active[ticket] = None
+            ticket.admitted += k
+            free -= k
+            if ticket.admitted == ticket.rows:
+                self.waiting.popleft()
+        if not chunks:
+            return
+        x = torch.cat([t.job.x[s : s + k] for t, s, k in chunks]).to(self.device)
+        z0 = [
+            t.job.z0[s : s + k].to(self.device)
+            if t.job.z0 is not None
+            else torch.zeros(k, *self.model.state_shape, dtype=self.dtype, device=self.device)
+            for t, s, k in chunks
+        ]
+        with torch.no_grad():
+            inj = self.model.inject(x)
+        self.pool.admit(
+            [(t, s + i) for t, s, k in chunks for i in range(k)],
+            torch.cat(z0),
+            inj,
+            torch.cat([t.tol[s : s + k] for t, s, k in chunks]).to(self.device),
+            torch.cat([t.max_iter[s : s + k] for t, s, k in chunks]).to(self.device),
+        )
+
+    def _drop(self, ticket: _Ticket) -> None:
+        """A request whose caller left before it got a slot: no compute, its samples CANCELLED
+        with 0 iterations (so the per-sample metrics still count them)."""
+        ticket.y.zero_()
+        ticket.z.zero_()
+        ticket.iterations.zero_()
+        ticket.residual.fill_(float("inf"))
+        ticket.status.fill_(int(Status.CANCELLED))
+        self._complete(ticket, 0)
+
+    def _should_stop(self, owners: Iterable[tuple[_Ticket, int]]) -> Tensor | None:
+        now = time.monotonic()
+        verdicts = {t: v for t in self.active if (v := t.stopping(now))}
+        if not verdicts:
+            return None
+        return torch.tensor([verdicts.get(t, 0) for t, _ in owners], dtype=torch.int64)
+
+    def turn(self) -> list[_Ticket]:
+        """Admit, step once, deliver retired samples; returns the requests that completed."""
+        self.admit()
+        busy = self.pool.busy
+        if busy == 0:
+            return []
+        if self._on_batch is not None:
+            self._on_batch(self.name, busy)
+        with torch.no_grad():
+            retired = self.pool.step(self._should_stop)
+            if retired is None:
+                return []
+            y = self.model.head(retired.z).cpu()
+        z, iterations = retired.z.cpu(), retired.iterations.cpu()
+        residual, status = retired.residual.cpu(), retired.status.cpu()
+        groups: dict[_Ticket, tuple[list[int], list[int]]] = {}
+        for pos, (ticket, sample) in enumerate(retired.owners):
+            positions, samples = groups.setdefault(ticket, ([], []))
+            positions.append(pos)
+            samples.append(sample)
+        finished = []
+        for ticket, (positions, samples) in groups.items():
+            at, to = torch.tensor(positions), torch.tensor(samples)
+            ticket.y[to] = y[at]
+            ticket.z[to] = z[at]
+            ticket.iterations[to] = iterations[at]
+            ticket.residual[to] = residual[at]
+            ticket.status[to] = status[at]
+            ticket.done += len(samples)
+            if ticket.done == ticket.rows:
+                del self.active[ticket]
+                finished.append(ticket)
+        if self.idle:
+            self.idle_since = time.monotonic()
+        return [self._complete(t, busy) for t in finished]
+
+    def _complete(self, ticket: _Ticket, busy: int) -> _Ticket:
+        now = time.monotonic()
+        started = ticket.started if ticket.started is not None else now
+        result = SolveResult(
+            z=ticket.z,
+            iterations=ticket.iterations,
+            residual=ticket.residual,
+            status=ticket.status,
+            steps=self.pool.steps - ticket.first_step,
+        )
+        outcome = SolveOutcome(
+            ticket.y, result, started - ticket.job.submitted, now - started, busy
+        )
+        if ticket.job.on_solved is not None:
+            ticket.job.on_solved(outcome)
+        ticket.outcome = outcome
+        return ticket
+
+    def fail(self, exc: BaseException) -> list[_Ticket]:
+        """Every request of the lane, for failing them all after an error."""
+        tickets = list(self.active) + [t for t in self.waiting if t not in self.active]
+        self.active.clear()
+        self.waiting.clear()
+        for ticket in tickets:
+            ticket.error = exc
+        return tickets
+
+
+Delivery = tuple[asyncio.Future[SolveOutcome], SolveOutcome | None, BaseException | None]
+
+
+def _deliver(items: list[Delivery]) -> None:
+    """On the event loop: resolve the futures of finished requests (callers that left are skipped)."""
+    for future, outcome, error in items:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(outcome)  # type: ignore[arg-type]
+
+
+@dataclass
+class _Inbox:
+    """Jobs handed from the event loop to the solver thread."""
+
+    items: list[tuple[SolveJob, asyncio.Future[SolveOutcome]]] = field(default_factory=list)
+    closed: bool = False
+
+
+class ContinuousScheduler:
+    """Iteration-level batching on one solver thread, `slots` rows per lane (see module doc).
+
+    `on_batch(model_name, busy_slots)` is called once per solver step (for deq_batch_size).
+    """
+
+    def __init__(
+        self,
+        slots: int = 128,
+        max_batch: int = 1024,
+        on_batch: BatchObserver | None = None,
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self._slots = slots
+        self._on_batch = on_batch
+        self._fallback = RequestScheduler(workers=1, max_batch=max_batch, on_batch=on_batch)
+        self._inbox = _Inbox()
+        self._cond = threading.Condition()
+        self._lanes: dict[tuple[Any, ...], _Lane] = {}
+        self._pending = 0
+        self._thread = threading.Thread(target=self._run, name="deq-continuous", daemon=True)
+        self._thread.start()
+
+    def pending(self) -> int:
+        return self._pending
+
+    async def submit(self, job: SolveJob) -> SolveOutcome:
+        method = job.solver.get("method") or job.model.config["solver"]["method"]
+        if not getattr(METHODS.get(method), "SLOTTED", False):
+            return await self._fallback.submit(job)
+        future: asyncio.Future[SolveOutcome] = asyncio.get_running_loop().create_future()
+        self._pending += 1
+        try:
+            with self._cond:
+                if self._inbox.closed:
+                    raise RuntimeError("the scheduler is closed")
+                self._inbox.items.append((job, future))
+                self._cond.notify()
+            return await future
+        finally:
+            self._pending -= 1
+
+    def _route(self, job: SolveJob, future: asyncio.Future[SolveOutcome]) -> Delivery | None:
+        """Queue a job on its lane (made on first use); a job that cannot be queued fails."""
+        try:
+            key = _lane_key(job)
+            lane = self._lanes.get(key)
+            if lane is None:
+                lane = self._lanes[key] = _Lane(job, self._slots, self._on_batch)
+            lane.waiting.append(lane.ticket(job, future))
+        except Exception as exc:
+            return (future, None, exc)
+        return None
+
+    def _wait_for_work(self) -> list[tuple[SolveJob, asyncio.Future[SolveOutcome]]] | None:
+        """New jobs (possibly none while lanes are busy); None when closed."""
+        with self._cond:
+            while not self._inbox.items and not self._inbox.closed:
+                if any(not lane.idle for lane in self._lanes.values()):
+                    break
+                self._cond.wait(timeout=IDLE_LANE_SECONDS if self._lanes else None)
+                self._drop_idle_lanes()
+            if self._inbox.closed:
+                return None
+            items, self._inbox.items = self._inbox.items, []
+            return items
+
+    def _drop_idle_lanes(self) -> None:
+        now = time.monotonic()
+        for key, lane in list(self._lanes.items()):
+            if lane.idle and now - lane.idle_since >= IDLE_LANE_SECONDS:
+                del self._lanes[key]
+
+    def _run(self) -> None:
+        while (items := self._wait_for_work()) is not None:
+            done: list[Delivery] = []
+            for job, future in items:
+                if (failed := self._route(job, future)) is not None:
+                    done.append(failed)
+            for key, lane in list(self._lanes.items()):
+                try:
+                    finished = lane.turn()
+                except Exception as exc:  # a bug or a bad model: fail its requests, keep serving
+                    finished = lane.fail(exc)
+                    del self._lanes[key]
+                done += [(t.future, t.outcome, t.error) for t in finished]
+            self._send(done)
+        closed = RuntimeError("the scheduler is closed")
+        leftover = [(future, None, closed) for _, future in self._inbox.items]
+        for lane in self._lanes.values():
+            leftover += [(t.future, None, closed) for t in lane.fail(closed)]
+        self._send(leftover)
+
+    @staticmethod
+    def _send(done: list[Delivery]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[Delivery]] = {}
+        for item in done:
+            by_loop.setdefault(item[0].get_loop(), []).append(item)
+        for loop, items in by_loop.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_deliver, items)
+
+    async def close(self) -> None:
+        with self._cond:
+            self._inbox.closed = True
+            self._cond.notify()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        await self._fallback.close()
