@@ -18,4 +18,28 @@ python -m ruff check .
 python -m ruff format --check .
 python -m mypy server/deq_server/core
 python -m mypy --strict client/deq_client
+# The deployment tests run real programs: a Docker engine and docker-compose (the image and the
+# compose stack), debootstrap (their local base image, since no image registry is reachable), and
+# Prometheus with promtool (the dashboard's and the alerts' queries, the rules' unit tests).
+missing=""
+for tool in dockerd docker-compose debootstrap prometheus promtool; do
+  command -v "$tool" > /dev/null || missing="$missing $tool"
+done
+if [ -n "$missing" ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    docker.io docker-compose debootstrap prometheus > /dev/null
+fi
+# Start an engine in the background unless one answers; it stops with this script. If it cannot
+# start, the Docker tests are reported as SKIPPED with the reason (pytest -ra), never passed.
+if ! docker info > /dev/null 2>&1; then
+  dockerd > "${TMPDIR:-/tmp}/deq-serve-dockerd.log" 2>&1 &
+  dockerd_pid=$!
+  trap 'kill "$dockerd_pid" 2> /dev/null || true; wait "$dockerd_pid" 2> /dev/null || true' EXIT
+  for _ in $(seq 120); do # bounded: up to a minute
+    if docker info > /dev/null 2>&1 || ! kill -0 "$dockerd_pid" 2> /dev/null; then break; fi
+    sleep 0.5
+  done
+fi
+
 python -m pytest -q -p no:cacheprovider "$@"

@@ -1,8 +1,9 @@
 """docker-compose.yml and its overrides, checked by docker-compose itself and run for real.
 
-Without an engine: `docker-compose config` accepts every combination of files; every published
-port is on 127.0.0.1; only the GPU override reserves a device; every bind mount names a file of
-the repository. With an engine: the `deq` service, built through compose on the local base image
+Without an engine: `docker-compose config` accepts every combination of files (no -f: the base
+file plus docker-compose.override.yml, which publishes the server's ports); every published port
+is on 127.0.0.1; only the GPU override reserves a device; every bind mount names a file of the
+repository. With an engine: the `deq` service, built through compose on the local base image
 and run on the host network (docker-compose.test.yml), turns healthy, answers the SDK, keeps a
 Train commit in its model volume across a restart, and is taken down with its volumes.
 """
@@ -28,7 +29,9 @@ COMPOSE = shutil.which("docker-compose")
 pytestmark = pytest.mark.skipif(
     COMPOSE is None, reason="docker-compose is not installed (scripts/test.sh installs it)"
 )
-BASE, GPU, TEST = "docker-compose.yml", "docker-compose.gpu.yml", "docker-compose.test.yml"
+BASE, PORTS = "docker-compose.yml", "docker-compose.override.yml"
+GPU, TEST = "docker-compose.gpu.yml", "docker-compose.test.yml"
+DEFAULT: list[str] = []  # no -f: what `docker compose up` reads
 # The test override insists on a base image; any name does for `config`.
 CONFIG_ENV = {"DEQ_BASE_IMAGE": "local/base:tag"}
 
@@ -36,7 +39,8 @@ CONFIG_ENV = {"DEQ_BASE_IMAGE": "local/base:tag"}
 def compose(
     files: list[str], *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    """docker-compose with `files`, from the repository root; fails the test on a non-zero exit."""
+    """docker-compose with `files` (none: the defaults), from the repository root; fails the test
+    on a non-zero exit."""
     argv = [str(COMPOSE), *(arg for f in files for arg in ("-f", f)), *args]
     result = subprocess.run(
         argv,
@@ -50,12 +54,16 @@ def compose(
     return result
 
 
-def resolved(*files: str, **env: str) -> dict[str, Any]:
+def resolved(files: list[str], **env: str) -> dict[str, Any]:
     """The merged, interpolated configuration docker-compose would run."""
-    return dict(yaml.safe_load(compose(list(files), "config", env=env).stdout))
+    return dict(yaml.safe_load(compose(files, "config", env=env).stdout))
 
 
-@pytest.mark.parametrize("files", [[BASE], [BASE, GPU], [BASE, TEST]], ids=lambda f: "+".join(f))
+@pytest.mark.parametrize(
+    "files",
+    [DEFAULT, [BASE], [BASE, PORTS, GPU], [BASE, TEST]],
+    ids=lambda f: "+".join(f) or "default",
+)
 def test_compose_accepts_the_files(files: list[str]) -> None:
     compose(files, "config", "--quiet")
 
@@ -64,7 +72,7 @@ def test_compose_accepts_the_files(files: list[str]) -> None:
     "ports", [{}, {"DEQ_GRPC_PORT": "50051-50053", "DEQ_METRICS_PORT": "9101-9103"}]
 )
 def test_every_published_port_is_on_loopback(ports: dict[str, str]) -> None:
-    services = resolved(BASE, **ports)["services"]
+    services = resolved(DEFAULT, **ports)["services"]
     published = {name: service.get("ports", []) for name, service in services.items()}
     assert all(published.values()), published
     for name, entries in published.items():
@@ -74,8 +82,8 @@ def test_every_published_port_is_on_loopback(ports: dict[str, str]) -> None:
 
 
 def test_only_the_gpu_override_reserves_a_device() -> None:
-    assert "deploy" not in resolved(BASE)["services"]["deq"]
-    deq = resolved(BASE, GPU)["services"]["deq"]
+    assert "deploy" not in resolved(DEFAULT)["services"]["deq"]
+    deq = resolved([BASE, PORTS, GPU])["services"]["deq"]
     (device,) = deq["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia"
     assert device["capabilities"] == ["gpu"]
@@ -83,7 +91,7 @@ def test_only_the_gpu_override_reserves_a_device() -> None:
 
 
 def test_bind_mounts_name_files_of_the_repository() -> None:
-    for name, service in resolved(BASE)["services"].items():
+    for name, service in resolved(DEFAULT)["services"].items():
         for volume in service.get("volumes", []):
             source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
             if source.startswith("/"):
