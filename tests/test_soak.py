@@ -1,11 +1,12 @@
 """A short soak: 64 concurrent clients of mixed Infer on a real server process for 30 s, with a
 Train session committing every 10 s. Zero failed calls; after warm-up the server's open files and
-threads do not grow. Both footprints are taken right after a Train commit.
+threads do not grow, and its resident memory grows less than 5% (the reliability issue's target).
+Both footprints are taken right after a Train commit.
 
-Resident memory is measured and printed but not yet asserted (the reliability issue's target is
-< 5%): on the development VM it went 276 -> 355 MB. Inference alone stays flat (+-1%); a training
-session's working memory (about 65 MB) stays resident once sessions interleave with inference load,
-and each published version stays served (about 70 KB per `digits` commit). See the README."""
+The warm-up includes a Train commit: the first training session in a process pages in autograd
+and sets up its worker thread, a one-time step of about 75 MB on the development VM that later
+sessions reuse. Measured over 3 minutes with a commit every 10 s, RSS after that step stays within
+1% (see the README); before the step was part of the warm-up, it read as +29% growth."""
 
 from __future__ import annotations
 
@@ -60,22 +61,27 @@ async def client(
             failures.append(f"{exc.code().name}: {exc.details()}")
 
 
-async def trainer(stub, until: float, failures: list[str], commits: list[str]) -> None:
+async def train_once(stub, failures: list[str], commits: list[str]) -> None:
+    """One Train session of three steps that commits a new version of `digits-soak`."""
     x = np.full((8, 64), 8.0, np.float32)
     y = (np.arange(8) % 10).astype(np.int64)
     config = pb.TrainConfig(
         model="digits", learning_rate=1e-4, loss=pb.LOSS_CROSS_ENTROPY, publish_as="digits-soak"
     )
+    requests = [pb.TrainRequest(config=config)] + [
+        pb.TrainRequest(batch=pb.TrainBatch(inputs=tensor(x), targets=tensor(y)))
+    ] * 3
+    try:
+        events = [e async for e in stub.Train(iter(requests), timeout=60)]
+        commits.append(events[-1].committed.version)
+    except grpc.RpcError as exc:
+        failures.append(f"Train {exc.code().name}: {exc.details()}")
+
+
+async def trainer(stub, until: float, failures: list[str], commits: list[str]) -> None:
     while (left := until - time.monotonic()) > 0:
         await asyncio.sleep(min(COMMIT_EVERY, left))  # pacing of the workload, not synchronisation
-        requests = [pb.TrainRequest(config=config)] + [
-            pb.TrainRequest(batch=pb.TrainBatch(inputs=tensor(x), targets=tensor(y)))
-        ] * 3
-        try:
-            events = [e async for e in stub.Train(iter(requests), timeout=60)]
-            commits.append(events[-1].committed.version)
-        except grpc.RpcError as exc:
-            failures.append(f"Train {exc.code().name}: {exc.details()}")
+        await train_once(stub, failures, commits)
 
 
 async def load(port: int, pid: int) -> dict:
@@ -87,7 +93,8 @@ async def load(port: int, pid: int) -> dict:
         commits: list[str] = []
         warm = time.monotonic() + 5.0
         await asyncio.gather(
-            *(client(stub, random.Random(i), warm, failures, []) for i in range(CLIENTS))
+            train_once(stub, failures, commits),
+            *(client(stub, random.Random(i), warm, failures, []) for i in range(CLIENTS)),
         )
         after_warmup = footprint(pid)
         until = time.monotonic() + SECONDS
@@ -118,8 +125,9 @@ def test_soak_mixed_infer_with_periodic_commits(tmp_path):
         proc.wait(timeout=60)
     assert report["failures"] == []
     assert report["requests"] > 100
-    assert len(report["commits"]) >= 2
+    assert len(report["commits"]) >= 3  # one in the warm-up
     (rss0, fds0, threads0), (rss1, fds1, threads1) = report["after_warmup"], report["end"]
     print(f"server RSS after warm-up {rss0} KiB, at the end {rss1} KiB")
     assert fds1 <= fds0 + 2, (fds0, fds1)
     assert threads1 <= threads0 + 2, (threads0, threads1)
+    assert rss1 < rss0 * 1.05, (rss0, rss1)
