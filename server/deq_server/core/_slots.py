@@ -45,14 +45,11 @@ class Retired:
     status: Tensor
 
 
-def _state_tensors(state: Any) -> list[tuple[str, Tensor]]:
+def _tensor_fields(state: Any) -> list[str]:
+    """Names of a method state's per-row tensors (none for a stateless method)."""
     if state is None:
         return []
-    return [
-        (f.name, getattr(state, f.name))
-        for f in dataclasses.fields(state)
-        if isinstance(getattr(state, f.name), Tensor)
-    ]
+    return [f.name for f in dataclasses.fields(state) if isinstance(getattr(state, f.name), Tensor)]
 
 
 class SlotPool:
@@ -99,6 +96,7 @@ class SlotPool:
         self._ints = torch.zeros(slots, 3, dtype=torch.int64, device=device)
         self._flts = torch.zeros(slots, 3, dtype=dtype, device=device)
         self._state = self._method.init(self._z)
+        self._state_fields = _tensor_fields(self._state)
         self._owners: list[Any] = []
 
     @property
@@ -113,6 +111,9 @@ class SlotPool:
     def owners(self) -> list[Any]:
         """Owners of the busy slots, in slot order (a copy)."""
         return list(self._owners)
+
+    def _state_tensors(self) -> list[Tensor]:
+        return [getattr(self._state, name) for name in self._state_fields]
 
     def admit(
         self, owners: Sequence[Any], z0: Tensor, inj: Tensor, tol: Tensor, max_iter: Tensor
@@ -132,7 +133,7 @@ class SlotPool:
         self._ints[rows, 2] = max_iter
         self._flts[rows, 0] = tol
         self._flts[rows, 1:] = float("inf")
-        for _, t in _state_tensors(self._state):
+        for t in self._state_tensors():
             t[rows] = 0
         self._owners.extend(owners)
 
@@ -164,13 +165,10 @@ class SlotPool:
             retired, g = self._retire(leaving, res, abs_res, stop, g)
             n = len(self._owners)
         if n:
-            view = (
-                dataclasses.replace(
-                    self._state, **{name: t[:n] for name, t in _state_tensors(self._state)}
-                )
-                if self._state is not None
-                else None
-            )
+            view = None
+            if self._state is not None:  # the method steps views of the busy rows, in place
+                prefix = {name: getattr(self._state, name)[:n] for name in self._state_fields}
+                view = dataclasses.replace(self._state, **prefix)
             z_next = self._method.step(view, self._z[:n], g[:n])
             if view is not None:
                 self._state.written = view.written
@@ -203,7 +201,7 @@ class SlotPool:
             dst = torch.tensor(holes, device=self._z.device)
             src = torch.tensor(movers, device=self._z.device)
             buffers = [self._z, self._best, self._inj, self._ints, self._flts, g]
-            buffers += [t for _, t in _state_tensors(self._state)]
+            buffers += self._state_tensors()
             for t in buffers:
                 t.index_copy_(0, dst, t.index_select(0, src))
             for h, m in zip(holes, movers, strict=True):

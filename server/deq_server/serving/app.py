@@ -80,6 +80,8 @@ def make_scheduler(config: ServerConfig, metrics: Metrics) -> Scheduler:
 async def start_server(config: ServerConfig) -> RunningServer:
     """Load the models, then start gRPC (health SERVING only once loaded) and /metrics."""
     metrics = Metrics()
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
     device = resolve_device(config.device)
     registry = Registry(
         device,

@@ -29,6 +29,7 @@ class ServerConfig:
     workers: int = 1
     scheduler: str = "continuous"
     max_batch_slots: int = 128
+    torch_threads: int = 0
     grace_seconds: float = 10.0
     log_format: str = "text"
     infer_tokens: str = ""
@@ -54,6 +55,7 @@ _HELP = {
     "workers": "solver threads of the request scheduler (solver work never runs on the event loop)",
     "scheduler": "continuous (samples join and leave the solver batch every iteration) or request",
     "max_batch_slots": "solver slots per model version and method setting (continuous scheduler)",
+    "torch_threads": "CPU threads per torch op (0: torch's default, one per core)",
     "grace_seconds": "how long in-flight calls may finish after SIGTERM",
     "log_format": "text or json",
     "infer_tokens": "comma-separated bearer tokens with the infer scope (none: auth off)",
