@@ -57,14 +57,16 @@ def _rules_healthy(api: PrometheusAPI) -> list[dict[str, Any]]:
 
 def test_every_dashboard_and_alert_expression_returns_data(tmp_path: Path) -> None:
     dashboard, rules = sources.load_dashboard(), sources.load_alert_rules()
+    models = tmp_path / "models"
+    models.mkdir()
     with (
-        running_server(model_dir=tmp_path) as server,
+        running_server(model_dir=models) as server,
         running_prometheus(scrape_config(server.metrics_port or 0), tmp_path) as api,
         DEQClient(f"127.0.0.1:{server.port}", timeout=30) as client,
     ):
         poll(lambda: _target_up(api), timeout=30, interval=0.2, what="the deq target to be up")
-        models = api.get("/api/v1/label/model/values", **{"match[]": "deq_model_info"})
-        assert MODEL in models
+        names = api.get("/api/v1/label/model/values", **{"match[]": "deq_model_info"})
+        assert MODEL in names
         variables = {"model": MODEL, **INTERVALS}
         queries = sources.dashboard_queries(dashboard, variables) + sources.alert_queries(rules)
         assert len(queries) > 20
