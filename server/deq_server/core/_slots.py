@@ -8,14 +8,16 @@ lowest-residual state, and a method history that starts empty when the sample jo
 per-row masks keep a newcomer from mixing with the previous occupant of its slot or with its
 neighbours). Only methods whose state is updated in place (`SLOTTED`) can run here.
 
-Layout: the buffers have a fixed number of rows; busy slots are kept packed at the front, so a step
-works on views of the first `busy` rows and retiring a sample moves the last busy rows into its
-hole. Host work per step: one device-to-host copy of the retirement flags.
+Layout: the buffers have a fixed number of rows. A newcomer takes the lowest free slot and a step
+works on views of rows [:hi], hi = 1 + the highest busy slot: the full, fixed shape at load (what a
+CUDA graph capture needs), fewer rows when the pool is nearly empty, and no state ever moves
+between slots. Host work per step: one device-to-host copy of the retirement flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,8 +30,8 @@ from ._methods import make_method
 from ._solve import STOP_MODES, _classify, residual_norms
 from ._status import RUNNING
 
-# Given the owners of the busy slots (slot order), the per-slot stop statuses (0 = keep going),
-# or None when nothing stops.
+# Given the owners of slots [:hi] (None for a free slot), the per-slot stop statuses
+# (0 = keep going), or None when nothing stops.
 SlotStopHook = Callable[[Sequence[Any]], Tensor | None]
 
 
@@ -97,20 +99,24 @@ class SlotPool:
         self._flts = torch.zeros(slots, 3, dtype=dtype, device=device)
         self._state = self._method.init(self._z)
         self._state_fields = _tensor_fields(self._state)
-        self._owners: list[Any] = []
+        self._owners: list[Any] = [None] * slots  # None: a free slot
+        self._free = list(range(slots))  # a min-heap: newcomers take the lowest free slots
+        self._busy = torch.zeros(slots, dtype=torch.bool, device=device)
+        self._hi = 0  # 1 + the highest busy slot: a step works on rows [:hi]
+        self._count = 0
 
     @property
     def busy(self) -> int:
-        return len(self._owners)
+        return self._count
 
     @property
     def free(self) -> int:
-        return self.slots - len(self._owners)
+        return self.slots - self._count
 
     @property
     def owners(self) -> list[Any]:
-        """Owners of the busy slots, in slot order (a copy)."""
-        return list(self._owners)
+        """Owners of the busy slots, in slot order."""
+        return [o for o in self._owners[: self._hi] if o is not None]
 
     def _state_tensors(self) -> list[Tensor]:
         return [getattr(self._state, name) for name in self._state_fields]
@@ -120,28 +126,37 @@ class SlotPool:
     ) -> None:
         """Put k samples into free slots: initial states (k, *state_shape), injections, and their
         own tolerances (k,) and caps (k,). Their first f evaluation happens at the next `step`."""
-        k, start = len(owners), self.busy
+        k = len(owners)
         if k > self.free:
             raise ValueError(f"{k} samples do not fit in {self.free} free slots")
         if not bool(((tol > 0) & torch.isfinite(tol)).all()) or not bool((max_iter >= 1).all()):
             raise ValueError("every sample needs a finite tol > 0 and max_iter >= 1")
-        rows = slice(start, start + k)
-        self._z[rows] = z0.reshape(k, -1)
-        self._best[rows] = self._z[rows]
-        self._inj[rows] = inj
-        self._ints[rows, :2] = 0
-        self._ints[rows, 2] = max_iter
-        self._flts[rows, 0] = tol
-        self._flts[rows, 1:] = float("inf")
+        slots = [heapq.heappop(self._free) for _ in range(k)]  # ascending
+        at = torch.tensor(slots, device=self._z.device)
+        z0 = z0.reshape(k, -1).to(self._z.dtype)
+        self._z.index_copy_(0, at, z0)
+        self._best.index_copy_(0, at, z0)
+        self._inj.index_copy_(0, at, inj.to(self._inj.dtype))
+        zeros = torch.zeros_like(max_iter)
+        self._ints.index_copy_(0, at, torch.stack([zeros, zeros, max_iter], dim=1))
+        inf = torch.full_like(tol, float("inf"))
+        self._flts.index_copy_(0, at, torch.stack([tol, inf, inf], dim=1).to(self._flts.dtype))
         for t in self._state_tensors():
-            t[rows] = 0
-        self._owners.extend(owners)
+            t.index_fill_(0, at, 0)
+        self._busy.index_fill_(0, at, True)
+        for slot, owner in zip(slots, owners, strict=True):
+            self._owners[slot] = owner
+        self._hi = max(self._hi, slots[-1] + 1)
+        self._count += k
 
     def step(self, should_stop: SlotStopHook | None = None) -> Retired | None:
-        """One iteration over the busy slots; returns the samples that retired (None if none)."""
-        n = len(self._owners)
-        if n == 0:
+        """One iteration over the busy slots; returns the samples that retired (None if none).
+
+        Rows [:hi] are computed, free ones among them too (their values are never read): fixed
+        shapes at full load and no moves of state between slots."""
+        if self._count == 0:
             return None
+        n = self._hi
         z, ints, flts = self._z[:n], self._ints[:n], self._flts[:n]
         fz = self._f(z.view(n, *self._shape), self._inj[:n]).reshape(n, -1)
         self.steps += 1
@@ -155,31 +170,29 @@ class SlotPool:
 
         running = (res > flts[:, 0]) & (ints[:, 1] < ints[:, 2])
         running &= abs_res <= self.divergence * flts[:, 1]
-        stop = should_stop(self._owners) if should_stop is not None else None
+        stop = should_stop(self._owners[:n]) if should_stop is not None else None
         if stop is not None:
             stop = stop.to(device=z.device, dtype=torch.int64)
             running &= stop == RUNNING
-        leaving = (~running).cpu()  # the one host sync per step
+        leaving = (self._busy[:n] & ~running).cpu()  # the one host sync per step
         retired = None
         if bool(leaving.any()):
-            retired, g = self._retire(leaving, res, abs_res, stop, g)
-            n = len(self._owners)
-        if n:
-            view = None
-            if self._state is not None:  # the method steps views of the busy rows, in place
-                prefix = {name: getattr(self._state, name)[:n] for name in self._state_fields}
-                view = dataclasses.replace(self._state, **prefix)
-            z_next = self._method.step(view, self._z[:n], g[:n])
-            if view is not None:
-                self._state.written = view.written
-            self._z[:n] = z_next
+            retired = self._retire(leaving, res, abs_res, stop)
+        view = None
+        if self._state is not None:  # the method steps views of rows [:n], in place
+            prefix = {name: getattr(self._state, name)[:n] for name in self._state_fields}
+            view = dataclasses.replace(self._state, **prefix)
+        z_next = self._method.step(view, z, g)
+        if view is not None:
+            self._state.written = view.written
+        self._z[:n] = z_next
         return retired
 
     def _retire(
-        self, leaving: Tensor, res: Tensor, abs_res: Tensor, stop: Tensor | None, g: Tensor
-    ) -> tuple[Retired, Tensor]:
-        """Collect the leaving rows' results, then move the last busy rows into their holes."""
-        n = len(self._owners)
+        self, leaving: Tensor, res: Tensor, abs_res: Tensor, stop: Tensor | None
+    ) -> Retired:
+        """Collect the leaving rows' results and free their slots."""
+        n = leaving.shape[0]
         ints, flts = self._ints[:n], self._flts[:n]
         status = _classify(res, abs_res, ints, flts, self.divergence)
         if stop is not None:
@@ -194,17 +207,11 @@ class SlotPool:
             residual=flts[:, 2].index_select(0, at),
             status=status.index_select(0, at),
         )
-        keep = n - len(done_list)
-        holes = [i for i in done_list if i < keep]
-        if holes:
-            movers = [keep + i for i in (~leaving[keep:]).nonzero().squeeze(1).tolist()]
-            dst = torch.tensor(holes, device=self._z.device)
-            src = torch.tensor(movers, device=self._z.device)
-            buffers = [self._z, self._best, self._inj, self._ints, self._flts, g]
-            buffers += self._state_tensors()
-            for t in buffers:
-                t.index_copy_(0, dst, t.index_select(0, src))
-            for h, m in zip(holes, movers, strict=True):
-                self._owners[h] = self._owners[m]
-        del self._owners[keep:]
-        return retired, g
+        self._busy.index_fill_(0, at, False)
+        for i in done_list:
+            self._owners[i] = None
+            heapq.heappush(self._free, i)
+        self._count -= len(done_list)
+        while self._hi and self._owners[self._hi - 1] is None:
+            self._hi -= 1
+        return retired

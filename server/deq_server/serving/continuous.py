@@ -174,12 +174,13 @@ class _Lane:
         ticket.status.fill_(int(Status.CANCELLED))
         self._complete(ticket, 0)
 
-    def _should_stop(self, owners: Iterable[tuple[_Ticket, int]]) -> Tensor | None:
+    def _should_stop(self, owners: Iterable[tuple[_Ticket, int] | None]) -> Tensor | None:
         now = time.monotonic()
         verdicts = {t: v for t in self.active if (v := t.stopping(now))}
         if not verdicts:
             return None
-        return torch.tensor([verdicts.get(t, 0) for t, _ in owners], dtype=torch.int64)
+        per_slot = [verdicts.get(o[0], 0) if o is not None else 0 for o in owners]
+        return torch.tensor(per_slot, dtype=torch.int64)
 
     def turn(self) -> list[_Ticket]:
         """Admit, step once, deliver retired samples; returns the requests that completed."""
