@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -95,6 +97,11 @@ class DEQModel(nn.Module):
     def state_shape(self) -> tuple[int, ...]:
         """Shape of one sample's fixed-point state."""
         return self.layer.state_shape
+
+    @property
+    def solver_defaults(self) -> Mapping[str, Any]:
+        """The config's solver settings, read-only and without `config`'s deep copy (hot path)."""
+        return MappingProxyType(self._config["solver"])
 
     def solver_options(self, **overrides: Any) -> dict[str, Any]:
         """The solver settings a call with these keyword overrides would use (None = default)."""

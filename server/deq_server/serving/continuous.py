@@ -96,7 +96,7 @@ class _Lane:
             device=self.device,
             **shared,
         )
-        self.defaults = self.model.config["solver"]  # per-sample tol/max_iter when unset
+        self.defaults = self.model.solver_defaults  # per-sample tol/max_iter when unset
         self.waiting: deque[_Ticket] = deque()
         self.active: dict[_Ticket, None] = {}  # admitted, not finished; insertion-ordered
         self.idle_since = time.monotonic()
@@ -296,7 +296,7 @@ class ContinuousScheduler:
         return self._pending
 
     async def submit(self, job: SolveJob) -> SolveOutcome:
-        method = job.solver.get("method") or job.model.config["solver"]["method"]
+        method = job.solver.get("method") or job.model.solver_defaults["method"]
         if not getattr(METHODS.get(method), "SLOTTED", False):
             return await self._fallback.submit(job)
         future: asyncio.Future[SolveOutcome] = asyncio.get_running_loop().create_future()

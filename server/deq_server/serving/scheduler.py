@@ -128,23 +128,19 @@ def _per_row(
     not an overflow to inf in float32.
     """
     parts = []
+    wide = torch.float64 if dtype.is_floating_point else dtype
     for job in jobs:
         value = job.solver.get(key, default)
         rows = job.x.shape[0]
         if isinstance(value, Tensor):
-            part = value.to(
-                device=device, dtype=torch.float64 if dtype.is_floating_point else dtype
-            )
+            part = value.to(device=device, dtype=wide)
+            if dtype.is_floating_point:
+                part = part.clamp(max=torch.finfo(dtype).max)
+            parts.append(part.to(dtype))
         else:
-            part = torch.full(
-                (rows,),
-                value,
-                dtype=torch.float64 if dtype.is_floating_point else dtype,
-                device=device,
-            )
-        if dtype.is_floating_point:
-            part = part.clamp(max=torch.finfo(dtype).max).to(dtype)
-        parts.append(part)
+            if dtype.is_floating_point:
+                value = min(float(value), torch.finfo(dtype).max)
+            parts.append(torch.full((rows,), value, dtype=dtype, device=device))
     return torch.cat(parts)
 
 
@@ -157,7 +153,7 @@ def run_batch(
     """
     start = time.monotonic()
     model = frozen(jobs[0].model)
-    defaults = model.config["solver"]
+    defaults = model.solver_defaults
     device = next(model.parameters()).device
     # Host<->device copies happen here, on the solver thread, never on the event loop.
     x = torch.cat([job.x for job in jobs]).to(device)

@@ -95,7 +95,7 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         budget = None
         if request.solver.HasField("budget_ms"):
             budget = received + request.solver.budget_ms / 1e3
-        method = solver.get("method", model.config["solver"]["method"])
+        method = solver.get("method", model.solver_defaults["method"])
 
         def record(outcome: SolveOutcome) -> None:
             self.metrics.record_solve(name, method, "forward", outcome.result)
