@@ -31,6 +31,7 @@ from deq_server.core import IFT, JFB, Backward, DEQModel, Phantom, save_checkpoi
 from . import tensors, validate
 from .config import ServerConfig
 from .errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError, invalid
+from .memory import release_free_memory
 from .metrics import Metrics
 from .registry import ModelVersion, Registry, ServedModel
 
@@ -186,6 +187,7 @@ class TrainSession:
         self.metrics.train_sessions.dec()
         self.optimizer.state.clear()
         del self.optimizer, self.model
+        release_free_memory()  # the weights and any unloaded versions: back to the OS
 
     def _targets(self, t: pb.Tensor, batch: int) -> torch.Tensor:
         shape = self.model.output_shape

@@ -1,0 +1,40 @@
+"""Hand freed heap memory back to the operating system after large, rare releases.
+
+glibc raises its mmap threshold after a large block is freed, so later tensors of a few MB come
+from the heap arenas instead of their own mappings, and freeing them does not shrink the process.
+On the development VM, 80 fine-tunes of a 4 MB model took the server from 419 to 646 MB; with
+`malloc_trim(0)` (which returns every free page of every arena, in about 3 ms) at each session's
+end it stayed within 413-533 MB. It is called where big blocks were just freed (a Train session's
+end, which follows the unloading of old versions), never per request; elsewhere than glibc it
+does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+from collections.abc import Callable
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim  # type: ignore[no-any-return]
+
+
+def release_free_memory() -> bool:
+    """Return free heap pages to the OS; False where the C library cannot (non-glibc)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
