@@ -34,8 +34,11 @@ from .registry import Registry, ServedModel
 from .scheduler import Scheduler, SolveJob, SolveOutcome
 from .training import TrainSession, check_model_name, confined_path
 
-# Stop this long before the caller's deadline so that a partial answer can still reach it.
-DEADLINE_MARGIN_S = 0.005
+
+def deadline_margin(time_remaining: float) -> float:
+    """How long before the caller's deadline to stop, so that a partial answer still reaches it:
+    a tenth of the time left, at least 5 ms and at most 50 ms (head, encoding, a busy loop)."""
+    return min(max(0.1 * time_remaining, 0.005), 0.05)
 
 
 def model_info(served: ServedModel, device: str) -> pb.ModelInfo:
@@ -91,7 +94,7 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         dtype = self.registry.dtype
         deadline = None
         if time_remaining is not None:
-            deadline = received + max(time_remaining - DEADLINE_MARGIN_S, 0.0)
+            deadline = received + max(time_remaining - deadline_margin(time_remaining), 0.0)
         budget = None
         if request.solver.HasField("budget_ms"):
             budget = received + request.solver.budget_ms / 1e3
