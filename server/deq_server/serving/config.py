@@ -55,7 +55,7 @@ _HELP = {
     "workers": "solver threads of the request scheduler (solver work never runs on the event loop)",
     "scheduler": "continuous (samples join and leave the solver batch every iteration) or request",
     "max_batch_slots": "solver slots per model version and method setting (continuous scheduler)",
-    "torch_threads": "CPU threads per torch op (0: torch's default, one per core)",
+    "torch_threads": "CPU threads per torch op (0: half the cores, the rest for gRPC and Python)",
     "grace_seconds": "how long in-flight calls may finish after SIGTERM",
     "log_format": "text or json",
     "infer_tokens": "comma-separated bearer tokens with the infer scope (none: auth off)",
