@@ -34,6 +34,7 @@ from deq_server.serving import validate
 from deq_server.serving.config import ServerConfig
 from deq_server.serving.errors import InvalidArgumentError
 from deq_server.serving.oip import solver_from_parameters
+from deq_server.serving.servicer import STREAM_WINDOW
 
 T = TypeVar("T")
 MAX_BATCH = 4
@@ -490,3 +491,24 @@ def test_accepted_batches_are_within_the_cap(rows, width, dtype, extra_bytes):
         return
     assert 1 <= x.shape[0] <= MAX_BATCH
     assert tuple(x.shape[1:]) == (64,)
+
+
+def test_an_infer_stream_keeps_at_most_its_window_in_flight(tmp_path):
+    """A stream of many more requests than --max-queue, sent at once: the server reads no more
+    than STREAM_WINDOW ahead of the answers it sends, so the stream never fills the queue by
+    itself (every request answered OK, none RESOURCE_EXHAUSTED) and a client that sends without
+    reading cannot make the server buffer answers without bound."""
+    shutil.copy(bundled_checkpoints()["digits"], tmp_path / "digits.safetensors")
+    count = 6 * STREAM_WINDOW
+    with (
+        running_server(model_dir=tmp_path, max_queue=STREAM_WINDOW + 32) as running,
+        channel_to(running) as channel,
+    ):
+        stub = deq_pb2_grpc.DEQServiceStub(channel)
+        items = [
+            pb.InferStreamRequest(request_id=str(i), request=infer(input=tensor(1)))
+            for i in range(count)
+        ]
+        answers = list(stub.InferStream(iter(items), timeout=300))
+    assert sorted(int(a.request_id) for a in answers) == list(range(count))
+    assert [a.error_message for a in answers if a.error_code] == []

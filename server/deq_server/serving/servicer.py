@@ -34,6 +34,11 @@ from .registry import Registry, ServedModel
 from .scheduler import Scheduler, SolveJob, SolveOutcome
 from .training import TrainSession, check_model_name, confined_path
 
+# Requests one InferStream may have in flight or answered but not yet sent. Past it the server
+# stops reading the stream, and gRPC flow control holds the client back: a client that sends
+# without reading cannot make the server buffer answers without bound.
+STREAM_WINDOW = 64
+
 
 def deadline_margin(time_remaining: float) -> float:
     """How long before the caller's deadline to stop, so that a partial answer still reaches it:
@@ -181,9 +186,11 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         request_iterator: AsyncIterator[pb.InferStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.InferStreamResponse]:
-        """Requests are solved concurrently; each response carries its request id."""
+        """Requests are solved concurrently (up to STREAM_WINDOW at a time); each response carries
+        its request id."""
         done: asyncio.Queue[pb.InferStreamResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
+        window = asyncio.Semaphore(STREAM_WINDOW)
 
         async def answer(item: pb.InferStreamRequest) -> None:
             try:
@@ -200,6 +207,7 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
 
         async def read() -> None:
             async for item in request_iterator:
+                await window.acquire()  # released when its answer is taken to be sent
                 task = asyncio.create_task(answer(item))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -210,6 +218,7 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         reader = asyncio.create_task(read())
         try:
             while (message := await done.get()) is not None:
+                window.release()
                 yield message
             await reader
         finally:
