@@ -47,8 +47,28 @@ def test_every_field_has_a_flag_and_an_environment_variable(capsys):
 
 
 @pytest.mark.parametrize(
-    "argv", [["--tls-cert", "c.pem"], ["--dtype", "int8"], ["--max-batch", "x"]]
+    "argv",
+    [
+        ["--tls-cert", "c.pem"],
+        ["--dtype", "int8"],
+        ["--max-batch", "x"],
+        ["--keep-versions", "0"],
+        ["--max-train-steps", "0"],
+        ["--max-train-sessions", "-1"],
+    ],
 )
 def test_bad_settings_are_refused(argv):
     with pytest.raises(SystemExit):
         parse_config(argv, env={})
+
+
+def test_memory_and_training_caps_have_environment_twins():
+    env = {"DEQ_KEEP_VERSIONS": "3", "DEQ_MAX_TRAIN_STEPS": "50", "DEQ_MAX_TRAIN_SESSIONS": "1"}
+    config = parse_config([], env=env)
+    assert (config.keep_versions, config.max_train_steps, config.max_train_sessions) == (3, 50, 1)
+    defaults = parse_config([], env={})
+    assert (defaults.keep_versions, defaults.max_train_steps, defaults.max_train_sessions) == (
+        2,
+        10_000,
+        4,
+    )
