@@ -20,12 +20,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from deq_server.core import METHODS, SlotPool, SolveResult, Status
 
-from .scheduler import RequestScheduler, SolveJob, SolveOutcome, _limit, _per_row
+from .scheduler import RequestScheduler, SolveJob, SolveOutcome, _limit
 
 # An idle lane (no busy slot, nobody waiting) is dropped after this long; its buffers go with it.
 IDLE_LANE_SECONDS = 30.0
@@ -39,13 +40,14 @@ class _Ticket:
 
     job: SolveJob
     future: asyncio.Future[SolveOutcome]
-    tol: Tensor
-    max_iter: Tensor
-    y: Tensor
-    z: Tensor
-    iterations: Tensor
-    residual: Tensor
-    status: Tensor
+    # Host-side arrays (numpy: per-sample bookkeeping without a torch call per sample or step).
+    tol: np.ndarray
+    max_iter: np.ndarray
+    y: np.ndarray
+    z: np.ndarray
+    iterations: np.ndarray
+    residual: np.ndarray
+    status: np.ndarray
     limit: float | None
     admitted: int = 0
     done: int = 0
@@ -67,6 +69,19 @@ class _Ticket:
         return 0
 
 
+def _per_sample(job: SolveJob, key: str, default: Any, dtype: np.dtype[Any]) -> np.ndarray:
+    """A job's scalar or per-sample setting as one value per sample; floats clamped to the
+    serving dtype's range (a tolerance of 1e300 means "stop at once", not inf in float32)."""
+    value = job.solver.get(key, default)
+    if isinstance(value, Tensor):
+        out = value.detach().cpu().double().numpy()
+    else:
+        out = np.full(job.x.shape[0], value, dtype=np.float64)
+    if np.issubdtype(dtype, np.floating):
+        return np.minimum(out, np.finfo(dtype).max).astype(dtype)
+    return out.astype(dtype)
+
+
 def _lane_key(job: SolveJob) -> tuple[Any, ...]:
     """Requests with equal keys share a pool: same model object and same non-per-sample options."""
     options = job.model.solver_options(**job.solver)
@@ -85,6 +100,7 @@ class _Lane:
         shared = {k: v for k, v in options.items() if k not in ("tol", "max_iter")}
         ref = next(self.model.parameters())
         self.device, self.dtype = ref.device, ref.dtype
+        self.np_dtype = torch.empty((), dtype=ref.dtype).numpy().dtype
         with torch.no_grad():
             probe = self.model.inject(torch.zeros(1, *self.model.input_shape, dtype=self.dtype))
         self.pool = SlotPool(
@@ -107,22 +123,17 @@ class _Lane:
         return not self.waiting and self.pool.busy == 0
 
     def ticket(self, job: SolveJob, future: asyncio.Future[SolveOutcome]) -> _Ticket:
-        rows = job.x.shape[0]
-        model, dtype = self.model, self.dtype
-
-        def empty(*shape: int, kind: torch.dtype = dtype) -> Tensor:
-            return torch.empty(rows, *shape, dtype=kind)
-
+        rows, model, real = job.x.shape[0], self.model, self.np_dtype
         return _Ticket(
             job=job,
             future=future,
-            tol=_per_row([job], "tol", self.defaults["tol"], dtype, "cpu"),
-            max_iter=_per_row([job], "max_iter", self.defaults["max_iter"], torch.int64, "cpu"),
-            y=empty(*model.output_shape),
-            z=empty(*model.state_shape),
-            iterations=empty(kind=torch.int64),
-            residual=empty(),
-            status=empty(kind=torch.int64),
+            tol=_per_sample(job, "tol", self.defaults["tol"], real),
+            max_iter=_per_sample(job, "max_iter", self.defaults["max_iter"], np.dtype(np.int64)),
+            y=np.empty((rows, *model.output_shape), dtype=real),
+            z=np.empty((rows, *model.state_shape), dtype=real),
+            iterations=np.empty(rows, dtype=np.int64),
+            residual=np.empty(rows, dtype=real),
+            status=np.empty(rows, dtype=np.int64),
             limit=_limit(job),
         )
 
@@ -148,30 +159,37 @@ class _Lane:
         if not chunks:
             return
         x = torch.cat([t.job.x[s : s + k] for t, s, k in chunks]).to(self.device)
-        z0 = [
-            t.job.z0[s : s + k].to(self.device)
-            if t.job.z0 is not None
-            else torch.zeros(k, *self.model.state_shape, dtype=self.dtype, device=self.device)
-            for t, s, k in chunks
-        ]
+        if all(t.job.z0 is None for t, _, _ in chunks):
+            z0 = torch.zeros(x.shape[0], *self.model.state_shape, dtype=self.dtype)
+        else:
+            z0 = torch.cat(
+                [
+                    t.job.z0[s : s + k]
+                    if t.job.z0 is not None
+                    else torch.zeros(k, *self.model.state_shape, dtype=self.dtype)
+                    for t, s, k in chunks
+                ]
+            )
+        tol = np.concatenate([t.tol[s : s + k] for t, s, k in chunks])
+        cap = np.concatenate([t.max_iter[s : s + k] for t, s, k in chunks])
         with torch.no_grad():
             inj = self.model.inject(x)
         self.pool.admit(
             [(t, s + i) for t, s, k in chunks for i in range(k)],
-            torch.cat(z0),
+            z0.to(self.device),
             inj,
-            torch.cat([t.tol[s : s + k] for t, s, k in chunks]).to(self.device),
-            torch.cat([t.max_iter[s : s + k] for t, s, k in chunks]).to(self.device),
+            torch.from_numpy(tol).to(self.device),
+            torch.from_numpy(cap).to(self.device),
         )
 
     def _drop(self, ticket: _Ticket) -> None:
         """A request whose caller left before it got a slot: no compute, its samples CANCELLED
         with 0 iterations (so the per-sample metrics still count them)."""
-        ticket.y.zero_()
-        ticket.z.zero_()
-        ticket.iterations.zero_()
-        ticket.residual.fill_(float("inf"))
-        ticket.status.fill_(int(Status.CANCELLED))
+        ticket.y.fill(0)
+        ticket.z.fill(0)
+        ticket.iterations.fill(0)
+        ticket.residual.fill(np.inf)
+        ticket.status.fill(int(Status.CANCELLED))
         self._complete(ticket, 0)
 
     def _should_stop(self, owners: Iterable[tuple[_Ticket, int] | None]) -> Tensor | None:
@@ -194,9 +212,9 @@ class _Lane:
             retired = self.pool.step(self._should_stop)
             if retired is None:
                 return []
-            y = self.model.head(retired.z).cpu()
-        z, iterations = retired.z.cpu(), retired.iterations.cpu()
-        residual, status = retired.residual.cpu(), retired.status.cpu()
+            y = self.model.head(retired.z).cpu().numpy()
+        z, iterations = retired.z.cpu().numpy(), retired.iterations.cpu().numpy()
+        residual, status = retired.residual.cpu().numpy(), retired.status.cpu().numpy()
         groups: dict[_Ticket, tuple[list[int], list[int]]] = {}
         for pos, (ticket, sample) in enumerate(retired.owners):
             positions, samples = groups.setdefault(ticket, ([], []))
@@ -204,12 +222,11 @@ class _Lane:
             samples.append(sample)
         finished = []
         for ticket, (positions, samples) in groups.items():
-            at, to = torch.tensor(positions), torch.tensor(samples)
-            ticket.y[to] = y[at]
-            ticket.z[to] = z[at]
-            ticket.iterations[to] = iterations[at]
-            ticket.residual[to] = residual[at]
-            ticket.status[to] = status[at]
+            ticket.y[samples] = y[positions]
+            ticket.z[samples] = z[positions]
+            ticket.iterations[samples] = iterations[positions]
+            ticket.residual[samples] = residual[positions]
+            ticket.status[samples] = status[positions]
             ticket.done += len(samples)
             if ticket.done == ticket.rows:
                 del self.active[ticket]
@@ -222,15 +239,14 @@ class _Lane:
         now = time.monotonic()
         started = ticket.started if ticket.started is not None else now
         result = SolveResult(
-            z=ticket.z,
-            iterations=ticket.iterations,
-            residual=ticket.residual,
-            status=ticket.status,
+            z=torch.from_numpy(ticket.z),
+            iterations=torch.from_numpy(ticket.iterations),
+            residual=torch.from_numpy(ticket.residual),
+            status=torch.from_numpy(ticket.status),
             steps=self.pool.steps - ticket.first_step,
         )
-        outcome = SolveOutcome(
-            ticket.y, result, started - ticket.job.submitted, now - started, busy
-        )
+        y = torch.from_numpy(ticket.y)
+        outcome = SolveOutcome(y, result, started - ticket.job.submitted, now - started, busy)
         if ticket.job.on_solved is not None:
             ticket.job.on_solved(outcome)
         ticket.outcome = outcome
@@ -343,7 +359,11 @@ class ContinuousScheduler:
                 del self._lanes[key]
 
     def _run(self) -> None:
+        checked = time.monotonic()
         while (items := self._wait_for_work()) is not None:
+            if time.monotonic() - checked > 1.0:  # under load the thread never waits: check here
+                self._drop_idle_lanes()
+                checked = time.monotonic()
             done: list[Delivery] = []
             for job, future in items:
                 if (failed := self._route(job, future)) is not None:
