@@ -342,7 +342,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--inflight", type=int, default=128)
-    parser.add_argument("--slots", type=int, default=128)
+    parser.add_argument("--slots", type=int, default=512)
     parser.add_argument("--workloads", nargs="+", default=["digits", "seed256"])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()

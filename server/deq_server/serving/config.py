@@ -28,7 +28,7 @@ class ServerConfig:
     keep_versions: int = 2
     workers: int = 1
     scheduler: str = "continuous"
-    max_batch_slots: int = 128
+    max_batch_slots: int = 256
     torch_threads: int = 0
     grace_seconds: float = 10.0
     log_format: str = "text"

@@ -292,7 +292,7 @@ class ContinuousScheduler:
 
     def __init__(
         self,
-        slots: int = 128,
+        slots: int = 256,
         max_batch: int = 1024,
         on_batch: BatchObserver | None = None,
     ) -> None:
