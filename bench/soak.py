@@ -239,6 +239,9 @@ def main() -> None:
     parser.add_argument("--overload", type=float, default=3.0)
     parser.add_argument("--overload-seconds", type=float, default=30.0)
     parser.add_argument("--queue", type=int, default=64, help="--max-queue of the overload server")
+    parser.add_argument(
+        "--max-concurrent-rpcs", type=int, default=0, help="of the overload server (0: none)"
+    )
     parser.add_argument("--skip-soak", action="store_true")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
@@ -255,7 +258,11 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-        proc, port = start(Path(tmp), f"--max-queue={args.queue}")
+        proc, port = start(
+            Path(tmp),
+            f"--max-queue={args.queue}",
+            f"--max-concurrent-rpcs={args.max_concurrent_rpcs}",
+        )
         try:
             results["overload"] = asyncio.run(
                 overload(port, args.overload, args.overload_seconds, args.queue)

@@ -108,7 +108,11 @@ async def start_server(config: ServerConfig) -> RunningServer:
     )
     if infer_tokens or admin_tokens:
         interceptors.append(TokenAuthInterceptor(infer_tokens, admin_tokens))
-    server = grpc.aio.server(interceptors=interceptors, options=limits)
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=limits,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
+    )
     deq = DEQServicer(registry, scheduler, metrics, config)
     deq_pb2_grpc.add_DEQServiceServicer_to_server(deq, server)
     health_servicer = health.aio.HealthServicer()

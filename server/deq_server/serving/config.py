@@ -21,6 +21,7 @@ class ServerConfig:
     max_message_bytes: int = 64 * 2**20
     max_batch: int = 1024
     max_queue: int = 1024
+    max_concurrent_rpcs: int = 0
     max_iter_cap: int = 1000
     min_tol: float = 1e-10
     max_train_steps: int = 10_000
@@ -46,6 +47,7 @@ _HELP = {
     "dtype": "float32 or float64 for the served weights",
     "max_message_bytes": "largest gRPC message accepted or sent",
     "max_batch": "largest batch one request may carry (and rows per solver batch)",
+    "max_concurrent_rpcs": "RPCs in progress (all kinds, health included) before gRPC itself refuses new ones with RESOURCE_EXHAUSTED, without running a handler (0: no limit)",
     "max_queue": "requests waiting for the solver before new ones get RESOURCE_EXHAUSTED",
     "max_iter_cap": "largest max_iter a request may ask for",
     "min_tol": "smallest tolerance a request may ask for",
