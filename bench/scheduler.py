@@ -14,6 +14,9 @@ the workload and this process drives it with one grpc.aio client:
 2. Saturation: `--inflight` requests always outstanding (closed loop), samples/s.
 3. Open loop: Poisson arrivals at 50% and 90% of the request scheduler's saturation rate;
    p50/p99 latency per tolerance class; mean busy slots per solver step.
+4. In process (no gRPC, no client on the same cores): the same trace submitted straight to each
+   scheduler with `--inflight` requests outstanding, samples/s. This isolates the schedulers'
+   own cost from the gRPC layer's.
 
     python bench/scheduler.py [--seconds 30] [--inflight 128] [--slots 128] [--out P]
 
@@ -268,6 +271,39 @@ async def measure(
     return result
 
 
+def in_process(model: DEQModel, trace: list[Request], args: argparse.Namespace) -> dict[str, float]:
+    """Samples/s of each scheduler fed directly, `inflight` requests outstanding, one pass."""
+    from deq_server.serving.continuous import ContinuousScheduler
+    from deq_server.serving.scheduler import RequestScheduler, SolveJob
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # as the server does
+
+    async def run(scheduler: Any) -> float:
+        gate = asyncio.Semaphore(args.inflight)
+        samples = 0
+
+        async def one(request: Request) -> None:
+            nonlocal samples
+            async with gate:
+                job = SolveJob(model, torch.from_numpy(request.x), {"tol": request.tol})
+                await scheduler.submit(job)
+                samples += request.x.shape[0]
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(r) for r in trace))
+        seconds = time.perf_counter() - start
+        await scheduler.close()
+        return samples / seconds
+
+    out = {
+        "request": asyncio.run(run(RequestScheduler(1, 1024))),
+        "continuous": asyncio.run(run(ContinuousScheduler(args.slots))),
+    }
+    torch.set_num_threads(threads)
+    return out
+
+
 def run_workload(workload: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     if workload == "digits":
         model = load_checkpoint(bundled_checkpoints()["digits"]).eval()
@@ -278,6 +314,9 @@ def run_workload(workload: str, folder: Path, args: argparse.Namespace) -> dict[
     iterations = solo_iterations(model, trace)
     per_sample = float(np.concatenate(iterations).mean())
     out: dict[str, Any] = {"mean_iterations": per_sample, "schedulers": {}}
+    out["in_process_samples_per_s"] = in_process(model, trace[:2000], args)
+    if args.in_process_only:
+        return out
     rates = None
     mean_rows = float(np.mean([r.x.shape[0] for r in trace]))
     for scheduler in ("request", "continuous"):
@@ -335,6 +374,12 @@ def table(results: dict[str, Any]) -> str:
             f"| {workload} | | | continuous / request | {r['speedup']:.2f}x "
             f"(target >= 0.9 G = {0.9 * r['G']:.2f}x) | | | |"
         )
+        ip = r["in_process_samples_per_s"]
+        lines.append(
+            f"| {workload} | | | in process (no gRPC): request {ip['request']:.0f}, "
+            f"continuous {ip['continuous']:.0f} samples/s | "
+            f"{ip['continuous'] / ip['request']:.2f}x | | | |"
+        )
     return "\n".join(lines)
 
 
@@ -344,6 +389,7 @@ def main() -> None:
     parser.add_argument("--inflight", type=int, default=128)
     parser.add_argument("--slots", type=int, default=512)
     parser.add_argument("--workloads", nargs="+", default=["digits", "seed256"])
+    parser.add_argument("--in-process-only", action="store_true", help="skip the gRPC runs")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     results: dict[str, Any] = {
@@ -362,7 +408,12 @@ def main() -> None:
             folder.mkdir()
             results["workloads"][workload] = run_workload(workload, folder, args)
             print(f"{workload}: done", file=sys.stderr)
-    print(table(results))
+    if args.in_process_only:
+        print(
+            json.dumps({w: r["in_process_samples_per_s"] for w, r in results["workloads"].items()})
+        )
+    else:
+        print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
 

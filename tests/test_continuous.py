@@ -222,7 +222,7 @@ def test_a_failing_job_does_not_stop_the_scheduler():
         failure = None
         try:
             await scheduler.submit(bad)
-        except RuntimeError as exc:
+        except ValueError as exc:
             failure = exc
         good = SolveJob(model, torch.full((1, 64), 8.0, dtype=torch.float64), {})
         outcome = await scheduler.submit(good)
@@ -232,3 +232,67 @@ def test_a_failing_job_does_not_stop_the_scheduler():
     failure, good, outcome = asyncio.run(main())
     assert failure is not None
     assert_solo(model, good, outcome)
+
+
+def test_a_bad_job_fails_alone_while_others_are_solving(tmp_path):
+    slow = load_checkpoint(slow_model_dir(tmp_path) / "slow.safetensors").eval()
+
+    async def main():
+        steps = Steps()
+        scheduler = ContinuousScheduler(slots=8, on_batch=steps)
+        good = SolveJob(slow, torch.randn(2, 8), {"max_iter": 50})
+        good_call = asyncio.ensure_future(scheduler.submit(good))
+        await steps.wait_for(1)
+        bad = SolveJob(slow, torch.randn(1, 7), {})  # wrong width: refused on its own
+        failure = None
+        try:
+            await scheduler.submit(bad)
+        except ValueError as exc:
+            failure = exc
+        outcome = await good_call
+        await scheduler.close()
+        return failure, good, outcome
+
+    failure, good, outcome = asyncio.run(main())
+    assert failure is not None
+    assert_solo(slow, good, outcome)
+
+
+def test_a_failing_metrics_callback_does_not_cost_the_answer():
+    model = digits_model()
+
+    def broken(outcome) -> None:
+        raise RuntimeError("metrics down")
+
+    async def main():
+        scheduler = ContinuousScheduler(slots=4)
+        job = SolveJob(model, torch.full((2, 64), 8.0, dtype=torch.float64), {}, on_solved=broken)
+        outcome = await asyncio.wait_for(scheduler.submit(job), 60)
+        await scheduler.close()
+        return job, outcome
+
+    job, outcome = asyncio.run(main())
+    assert_solo(model, job, outcome)
+
+
+def test_close_answers_every_request_and_pending_counts_the_fallback(tmp_path):
+    slow = load_checkpoint(slow_model_dir(tmp_path) / "slow.safetensors").eval()
+    x = torch.randn(1, 8)
+
+    async def main():
+        steps = Steps()
+        scheduler = ContinuousScheduler(slots=1, on_batch=steps)
+        calls = [
+            asyncio.ensure_future(scheduler.submit(SolveJob(slow, x, {"method": m})))
+            for m in ("broyden", "broyden", "picard", "picard")
+        ]
+        await steps.wait_for(2)  # a broyden batch and a picard slot are solving
+        in_flight = scheduler.pending()
+        await scheduler.close()
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60)
+        return in_flight, results
+
+    in_flight, results = asyncio.run(main())
+    assert in_flight == 4
+    assert all(isinstance(r, RuntimeError) or r.result.status.numel() == 1 for r in results)
+    assert any(isinstance(r, RuntimeError) for r in results)

@@ -96,7 +96,8 @@ def test_every_sample_gets_its_solo_answer(kind, method, stop_mode, slots, seed,
             z, iterations, residual, status = results[i]
             assert (iterations, status) == (int(solo.iterations[0]), int(solo.status[0])), i
             torch.testing.assert_close(z, solo.z[0], rtol=1e-10, atol=1e-12)
-            assert math.isclose(residual, float(solo.residual[0]), rel_tol=1e-6, abs_tol=1e-15)
+            # Residuals near 1e-9 carry the rounding of states (~1e-15): relative noise ~1e-6.
+            assert math.isclose(residual, float(solo.residual[0]), rel_tol=1e-4, abs_tol=1e-13)
 
 
 def scaled_cell(weight: torch.Tensor):

@@ -110,6 +110,10 @@ class DEQModel(nn.Module):
     def frozen(self) -> DEQModel:
         """An inference-only copy (eval, no grad) with every weight parametrization baked into a
         plain weight: nothing recomputed per call, and torch's global parametrization cache unused."""
+        with _PARAMETRIZE_CACHE:  # baked values must not come from another call's cache
+            return self._frozen_copy()
+
+    def _frozen_copy(self) -> DEQModel:
         out = copy.deepcopy(self).eval().requires_grad_(False)
         for module in list(out.modules()):
             if parametrize.is_parametrized(module):
@@ -156,11 +160,13 @@ class DEQModel(nn.Module):
     ) -> tuple[Tensor, SolveResult]:
         opts = _call_options(self._config["solver"], solver)
         strategy = self.backward_strategy if backward is None else make_backward(backward)
+        inj = self.inject(x)
+        start = self.init_state(x) if z0 is None else z0
+        # Only the (no-grad) solve uses cached weights: `attach` must recompute them with
+        # autograd history, or the weights' own parameters would get no gradient.
         with self._weights_cached():
-            inj = self.inject(x)
-            start = self.init_state(x) if z0 is None else z0
             result = solve(self.cell, start, args=(inj.detach(),), should_stop=should_stop, **opts)
-            z = result.z
-            if torch.is_grad_enabled() and inj.requires_grad:
-                z = strategy.attach(self.cell, result, inj)
-            return self.head(z), result
+        z = result.z
+        if torch.is_grad_enabled() and inj.requires_grad:
+            z = strategy.attach(self.cell, result, inj)
+        return self.head(z), result

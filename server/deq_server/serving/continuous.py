@@ -13,6 +13,8 @@ Methods whose state is not row-local (broyden) are solved by the request-level s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
 import time
 from collections import deque
@@ -26,7 +28,9 @@ from torch import Tensor
 
 from deq_server.core import METHODS, SlotPool, SolveResult, Status
 
-from .scheduler import RequestScheduler, SolveJob, SolveOutcome, _limit
+from .scheduler import RequestScheduler, SolveJob, SolveOutcome, _limit, frozen
+
+log = logging.getLogger("deq_server.continuous")
 
 # An idle lane (no busy slot, nobody waiting) is dropped after this long; its buffers go with it.
 IDLE_LANE_SECONDS = 30.0
@@ -94,7 +98,7 @@ class _Lane:
 
     def __init__(self, job: SolveJob, slots: int, on_batch: BatchObserver | None) -> None:
         self.source = job.model  # held so that id(source) in the lane key stays unique
-        self.model = job.model.frozen()
+        self.model = frozen(job.model)  # shared with other lanes of the same model
         self.name = job.model_name
         options = job.model.solver_options(**job.solver)
         shared = {k: v for k, v in options.items() if k not in ("tol", "max_iter")}
@@ -102,7 +106,9 @@ class _Lane:
         self.device, self.dtype = ref.device, ref.dtype
         self.np_dtype = torch.empty((), dtype=ref.dtype).numpy().dtype
         with torch.no_grad():
-            probe = self.model.inject(torch.zeros(1, *self.model.input_shape, dtype=self.dtype))
+            probe = self.model.inject(
+                torch.zeros(1, *self.model.input_shape, dtype=self.dtype, device=self.device)
+            )
         self.pool = SlotPool(
             self.model.cell,
             slots=slots,
@@ -123,8 +129,14 @@ class _Lane:
         return not self.waiting and self.pool.busy == 0
 
     def ticket(self, job: SolveJob, future: asyncio.Future[SolveOutcome]) -> _Ticket:
+        """A job's place in this lane; a job that could fail inside the shared admission (and so
+        take its neighbours with it) is refused here, on its own."""
         rows, model, real = job.x.shape[0], self.model, self.np_dtype
-        return _Ticket(
+        if tuple(job.x.shape[1:]) != model.input_shape or not job.x.is_floating_point():
+            raise ValueError(f"input must be float (B, {model.input_shape}), got {job.x.shape}")
+        if job.z0 is not None and tuple(job.z0.shape) != (rows, *model.state_shape):
+            raise ValueError(f"z0 must be (B, {model.state_shape}), got {tuple(job.z0.shape)}")
+        ticket = _Ticket(
             job=job,
             future=future,
             tol=_per_sample(job, "tol", self.defaults["tol"], real),
@@ -136,6 +148,11 @@ class _Lane:
             status=np.empty(rows, dtype=np.int64),
             limit=_limit(job),
         )
+        if not (np.isfinite(ticket.tol).all() and (ticket.tol > 0).all()):
+            raise ValueError("every sample needs a finite tol > 0 in the serving dtype")
+        if not (ticket.max_iter >= 1).all():
+            raise ValueError("every sample needs max_iter >= 1")
+        return ticket
 
     def admit(self) -> None:
         """FIFO: fill free slots from the head of the queue, one batched injection for all."""
@@ -158,13 +175,13 @@ class _Lane:
                 self.waiting.popleft()
         if not chunks:
             return
-        x = torch.cat([t.job.x[s : s + k] for t, s, k in chunks]).to(self.device)
+        x = torch.cat([t.job.x[s : s + k] for t, s, k in chunks]).to(self.device, self.dtype)
         if all(t.job.z0 is None for t, _, _ in chunks):
             z0 = torch.zeros(x.shape[0], *self.model.state_shape, dtype=self.dtype)
         else:
             z0 = torch.cat(
                 [
-                    t.job.z0[s : s + k]
+                    t.job.z0[s : s + k].to(self.dtype)
                     if t.job.z0 is not None
                     else torch.zeros(k, *self.model.state_shape, dtype=self.dtype)
                     for t, s, k in chunks
@@ -247,9 +264,12 @@ class _Lane:
         )
         y = torch.from_numpy(ticket.y)
         outcome = SolveOutcome(y, result, started - ticket.job.submitted, now - started, busy)
-        if ticket.job.on_solved is not None:
-            ticket.job.on_solved(outcome)
         ticket.outcome = outcome
+        if ticket.job.on_solved is not None:
+            try:
+                ticket.job.on_solved(outcome)
+            except Exception:  # a metrics callback must not cost the caller its answer
+                log.exception("on_solved callback failed")
         return ticket
 
     def fail(self, exc: BaseException) -> list[_Ticket]:
@@ -309,12 +329,14 @@ class ContinuousScheduler:
         self._thread.start()
 
     def pending(self) -> int:
-        return self._pending
+        return self._pending + self._fallback.pending()
 
     async def submit(self, job: SolveJob) -> SolveOutcome:
         method = job.solver.get("method") or job.model.solver_defaults["method"]
         if not getattr(METHODS.get(method), "SLOTTED", False):
             return await self._fallback.submit(job)
+        if not self._thread.is_alive():
+            raise RuntimeError("the scheduler's solver thread is not running")
         future: asyncio.Future[SolveOutcome] = asyncio.get_running_loop().create_future()
         self._pending += 1
         try:
@@ -388,7 +410,7 @@ class ContinuousScheduler:
         for item in done:
             by_loop.setdefault(item[0].get_loop(), []).append(item)
         for loop, items in by_loop.items():
-            if not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # a loop closed meanwhile: nobody waits
                 loop.call_soon_threadsafe(_deliver, items)
 
     async def close(self) -> None:

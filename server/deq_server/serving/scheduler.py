@@ -198,6 +198,12 @@ def run_batch(
     return outcomes
 
 
+def _fail(futures: list[asyncio.Future[SolveOutcome]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(RuntimeError("the scheduler is closed"))
+
+
 class RequestScheduler:
     """Request-level batching: requests that queue while the solver is busy are solved together.
 
@@ -270,6 +276,9 @@ class RequestScheduler:
                 outcomes = await loop.run_in_executor(
                     self._executor, run_batch, [j for j, _ in batch], self._on_batch
                 )
+            except asyncio.CancelledError:  # close(): nobody will finish this batch
+                _fail([future for _, future in batch])
+                raise
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():
@@ -280,6 +289,10 @@ class RequestScheduler:
                     future.set_result(outcome)
 
     async def close(self) -> None:
+        """Stop: queued and running requests fail with RuntimeError (none is left hanging)."""
         for runner in self._runners:
             runner.cancel()
+        if self._queue is not None:
+            while not self._queue.empty():
+                _fail([self._queue.get_nowait()[1]])
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
