@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from _loopback import free_port, wait_ready
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_client.pb.deq.v1 import deq_pb2_grpc
@@ -55,7 +54,6 @@ TOLS = (1e-2, 1e-4, 1e-6)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scheduler.json"
 TRACE = 4000  # requests in a trace; loads cycle through it
 CALL_TIMEOUT_S = 30.0
-START_TIMEOUT_S = 120.0
 DRAIN_TIMEOUT_S = 60.0
 
 
@@ -119,12 +117,6 @@ def ideal_gain(iterations: list[np.ndarray], rows_per_batch: float) -> float:
 # --- server -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start(model_dir: Path, scheduler: str, slots: int) -> tuple[subprocess.Popen[bytes], int, int]:
     port, metrics_port = free_port(), free_port()
     argv = [
@@ -140,21 +132,6 @@ def start(model_dir: Path, scheduler: str, slots: int) -> tuple[subprocess.Popen
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, port, metrics_port
-
-
-async def wait_ready(port: int) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.2)  # polling a starting process
-    raise RuntimeError("server did not become ready")
 
 
 def batch_stats(metrics_port: int) -> tuple[float, float]:
@@ -248,9 +225,9 @@ async def measure(
     rates: dict[str, float] | None,
     saturate: bool = True,
 ) -> dict[str, Any]:
-    await wait_ready(port)
     result: dict[str, Any] = {}
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        await wait_ready(channel)
         stub = deq_pb2_grpc.DEQServiceStub(channel)
         await closed_loop(stub, model, trace, args.inflight, min(3.0, args.seconds))  # warm-up
         if saturate:

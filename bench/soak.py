@@ -26,7 +26,6 @@ import os
 import platform
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from _loopback import free_port, wait_ready
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_client.pb.deq.v1 import deq_pb2_grpc
@@ -46,13 +45,6 @@ from deq_server.models import bundled_checkpoints
 CLIENTS = 64
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "soak.json"
 CALL_TIMEOUT_S = 30.0
-START_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def footprint(pid: int) -> dict[str, int]:
@@ -78,20 +70,6 @@ def start(model_dir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
         *extra,
     ]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port
-
-
-async def wait_ready(channel: grpc.aio.Channel) -> None:
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(0.2)  # polling a starting process
-    raise RuntimeError("server did not become ready")
 
 
 def tensor(x: np.ndarray) -> pb.Tensor:
