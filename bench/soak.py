@@ -84,6 +84,32 @@ def infer_request(rng: random.Random, max_rows: int = 32) -> pb.InferRequest:
     return pb.InferRequest(model="digits", input=tensor(x), solver=pb.SolverOptions(tol=tol))
 
 
+# A light client in its own process, one call every 20 ms: its latencies are the server's answer
+# time under overload, free of the load generator's own backlog (it shares the cores).
+PROBE = """
+import json, sys, time
+import grpc, numpy as np
+from deq_client.pb.deq.v1 import deq_pb2 as pb, deq_pb2_grpc
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+x = np.full((4, 64), 8.0, np.float32)
+tensor = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[4, 64], data=x.tobytes())
+request = pb.InferRequest(model="digits", input=tensor, solver=pb.SolverOptions(tol=1e-4))
+out, until = [], time.monotonic() + seconds
+with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    stub = deq_pb2_grpc.DEQServiceStub(channel)
+    while time.monotonic() < until:
+        sent = time.monotonic()
+        try:
+            stub.Infer(request, timeout=30)
+            code = "OK"
+        except grpc.RpcError as exc:
+            code = exc.code().name
+        out.append((code, time.monotonic() - sent))
+        time.sleep(max(0.0, 0.02 - (time.monotonic() - sent)))  # pacing of the probe
+print(json.dumps(out))
+"""
+
+
 def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50_ms": None, "p99_ms": None}
@@ -117,14 +143,16 @@ async def soak(port: int, pid: int, minutes: int, commit_every: float) -> dict[s
             model="digits", learning_rate=1e-4, loss=pb.LOSS_CROSS_ENTROPY, publish_as="soaked"
         )
         batch = pb.TrainRequest(batch=pb.TrainBatch(inputs=tensor(x), targets=tensor(y)))
-        while (left := until - time.monotonic()) > commit_every / 2:
-            await asyncio.sleep(min(commit_every, left))  # pacing of the workload
+        while True:  # the first commit right away, so that minute 1 (warm-up) includes training
             try:
                 call = stub.Train(iter([pb.TrainRequest(config=config), *[batch] * 3]), timeout=60)
                 events = [e async for e in call]
                 commits.append(events[-1].committed.version)
             except grpc.aio.AioRpcError as exc:
                 bucket()["failures"].append(f"Train {exc.code().name}")
+            if until - time.monotonic() < commit_every:
+                return
+            await asyncio.sleep(commit_every)  # pacing of the workload
 
     async def sampler() -> list[dict[str, int]]:
         samples = []
@@ -168,8 +196,12 @@ async def overload(port: int, factor: float, seconds: float, queue: int) -> dict
         async def closed() -> None:
             nonlocal done
             while time.monotonic() < until:
-                await stub.Infer(infer_request(rng, 8), timeout=CALL_TIMEOUT_S)
-                done += 1
+                try:
+                    await stub.Infer(infer_request(rng, 8), timeout=CALL_TIMEOUT_S)
+                    done += 1
+                except grpc.aio.AioRpcError as exc:  # a limit below the closed loop's width
+                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
 
         begin = time.monotonic()
         await asyncio.gather(*(closed() for _ in range(CLIENTS)))
@@ -191,6 +223,9 @@ async def overload(port: int, factor: float, seconds: float, queue: int) -> dict
                     other[exc.code().name] += 1
 
         rate = factor * capacity
+        probe = subprocess.Popen(
+            [sys.executable, "-c", PROBE, str(port), str(seconds)], stdout=subprocess.PIPE
+        )
         tasks, start = [], time.monotonic()
         next_at = start
         while next_at < start + seconds:
@@ -198,7 +233,14 @@ async def overload(port: int, factor: float, seconds: float, queue: int) -> dict
             tasks.append(asyncio.ensure_future(one(infer_request(rng, 8))))
             next_at += rng.expovariate(rate)
         await asyncio.gather(*tasks)
+        probes = json.loads(probe.communicate(timeout=CALL_TIMEOUT_S + seconds)[0])
     return {
+        "probe": {
+            "calls": len(probes),
+            "refused": percentiles([t for code, t in probes if code == "RESOURCE_EXHAUSTED"]),
+            "accepted": percentiles([t for code, t in probes if code == "OK"]),
+            "codes": dict(Counter(code for code, _ in probes)),
+        },
         "capacity_rps": capacity,
         "offered_rps": rate,
         "calls": len(tasks),
@@ -267,6 +309,12 @@ def main() -> None:
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.1f} ms"
 
+    p = o["probe"]
+    print(
+        f"probe client ({p['calls']} calls, {p['codes']}): refused p50 "
+        f"{ms(p['refused']['p50_ms'])} / p99 {ms(p['refused']['p99_ms'])}; accepted p50 "
+        f"{ms(p['accepted']['p50_ms'])} / p99 {ms(p['accepted']['p99_ms'])}"
+    )
     print(
         f"\noverload: capacity {o['capacity_rps']:.0f} req/s, offered {o['offered_rps']:.0f} req/s; "
         f"refused {100 * o['refused_share']:.0f}% (p50 {ms(o['refused']['p50_ms'])}, "
