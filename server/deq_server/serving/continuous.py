@@ -17,6 +17,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -97,7 +98,9 @@ class _Lane:
     """A slot pool for one model version and method setting, with its FIFO of waiting requests."""
 
     def __init__(self, job: SolveJob, slots: int, on_batch: BatchObserver | None) -> None:
-        self.source = job.model  # held so that id(source) in the lane key stays unique
+        # Weakly held: a version the registry unloaded frees its lane as soon as no request
+        # holds it (the lane key's id() is checked against this reference before reuse).
+        self.source = weakref.ref(job.model)
         self.model = frozen(job.model)  # shared with other lanes of the same model
         self.name = job.model_name
         options = job.model.solver_options(**job.solver)
@@ -354,7 +357,7 @@ class ContinuousScheduler:
         try:
             key = _lane_key(job)
             lane = self._lanes.get(key)
-            if lane is None:
+            if lane is None or lane.source() is not job.model:
                 lane = self._lanes[key] = _Lane(job, self._slots, self._on_batch)
             lane.waiting.append(lane.ticket(job, future))
         except Exception as exc:
@@ -367,7 +370,7 @@ class ContinuousScheduler:
             while not self._inbox.items and not self._inbox.closed:
                 if any(not lane.idle for lane in self._lanes.values()):
                     break
-                self._cond.wait(timeout=IDLE_LANE_SECONDS if self._lanes else None)
+                self._cond.wait(timeout=1.0 if self._lanes else None)
                 self._drop_idle_lanes()
             if self._inbox.closed:
                 return None
@@ -377,7 +380,7 @@ class ContinuousScheduler:
     def _drop_idle_lanes(self) -> None:
         now = time.monotonic()
         for key, lane in list(self._lanes.items()):
-            if lane.idle and now - lane.idle_since >= IDLE_LANE_SECONDS:
+            if lane.idle and (lane.source() is None or now - lane.idle_since >= IDLE_LANE_SECONDS):
                 del self._lanes[key]
 
     def _run(self) -> None:
