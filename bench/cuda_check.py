@@ -1,8 +1,11 @@
 """One prepared script for a GPU machine: the CUDA path against the CPU, then timings.
 
 Checks, for every method, that solving on CUDA gives the CPU's statuses and iteration counts
-(float64) and states within rounding, that implicit gradients agree, then times the seed-cell
-benchmark (d=256, B=256, rel tol 1e-5, float32) on both devices. Prints a table, writes JSON.
+(float64) and states within rounding, that implicit gradients agree, that a `SlotPool` with
+staggered arrivals gives the CPU's per-sample answers, then times the seed-cell benchmark
+(d=256, B=256, rel tol 1e-5, float32) on both devices, a `SlotPool` step against its busy rows
+(flat on a GPU is the regime where continuous batching pays), and the request-level and
+continuous schedulers in process on bench/scheduler.py's traces. Prints tables, writes JSON.
 
     python bench/cuda_check.py [--out bench/results/cuda_check.json]
 """
@@ -18,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deq_server.core import IFT, METHODS, DEQModel, solve
+from deq_server.core import IFT, METHODS, DEQModel, SlotPool, load_checkpoint, solve
+from deq_server.models import bundled_checkpoints
 
 DEVICES = ("cpu", "cuda")  # the reference first
 
@@ -116,6 +120,113 @@ def time_solves(repeats: int = 5) -> list[dict[str, Any]]:
     return rows
 
 
+def run_pool(device: str, method: str) -> dict[Any, tuple[int, int, Tensor]]:
+    """32 samples of the float64 problem through a 6-slot pool, a few admitted every step."""
+    f, inj = problem(device, torch.float64, d=64, batch=32)
+    pool = SlotPool(
+        f,
+        slots=6,
+        state_shape=(64,),
+        inj_shape=(64,),
+        dtype=torch.float64,
+        device=device,
+        method=method,
+    )
+    tol = torch.tensor([1e-3, 1e-6, 1e-10, 1e-8] * 8, dtype=torch.float64, device=device)
+    cap = torch.full((32,), 300, device=device)
+    waiting, out = list(range(32)), {}
+    while waiting or pool.busy:
+        take = waiting[: min(pool.free, 2)]
+        waiting = waiting[len(take) :]
+        if take:
+            at = torch.tensor(take, device=device)
+            pool.admit(
+                take,
+                torch.zeros(len(take), 64, dtype=torch.float64, device=device),
+                inj[at],
+                tol[at],
+                cap[at],
+            )
+        retired = pool.step()
+        for j, i in enumerate(retired.owners if retired is not None else []):
+            out[i] = (int(retired.iterations[j]), int(retired.status[j]), retired.z[j].cpu())
+    return out
+
+
+def check_slots() -> list[dict[str, Any]]:
+    rows = []
+    for method in ("anderson", "picard"):
+        cpu, gpu = (run_pool(device, method) for device in DEVICES)
+        rows.append(
+            {
+                "method": method,
+                "same_iterations_and_status": all(cpu[i][:2] == gpu[i][:2] for i in cpu),
+                "max_state_diff": max(float((cpu[i][2] - gpu[i][2]).abs().max()) for i in cpu),
+            }
+        )
+    return rows
+
+
+def time_slot_steps(device: str, repeats: int = 50) -> list[dict[str, Any]]:
+    """ms per SlotPool step of the digits model (float32) against its busy rows."""
+    model = load_checkpoint(bundled_checkpoints()["digits"]).eval().to(device).frozen()
+    rows = []
+    with torch.no_grad():
+        for busy in (8, 32, 128, 512, 2048):
+            x = torch.randint(0, 17, (busy, 64), device=device).float()
+            pool = SlotPool(
+                model.cell,
+                slots=busy,
+                state_shape=(64,),
+                inj_shape=(64,),
+                dtype=torch.float32,
+                device=device,
+            )
+            never = torch.full((busy,), 1e-30, device=device)
+            pool.admit(
+                list(range(busy)),
+                torch.zeros(busy, 64, device=device),
+                model.inject(x),
+                never,
+                torch.full((busy,), 10**9, device=device),
+            )
+            pool.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                pool.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            rows.append(
+                {
+                    "device": device,
+                    "busy": busy,
+                    "ms_per_step": (time.perf_counter() - start) * 1e3 / repeats,
+                }
+            )
+    return rows
+
+
+def time_schedulers(device: str) -> dict[str, Any]:
+    """bench/scheduler.py's in-process comparison with the models on `device`."""
+    import argparse as _argparse
+    import random
+
+    from scheduler import in_process, make_trace, seed_model
+
+    args = _argparse.Namespace(inflight=128, slots=512)
+    out = {}
+    for workload in ("digits", "seed256"):
+        if workload == "digits":
+            model = load_checkpoint(bundled_checkpoints()["digits"]).eval()
+        else:
+            model = seed_model()
+        trace = make_trace(workload, random.Random(0))[:2000]
+        out[workload] = in_process(model.to(device), trace, args)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/cuda_check.json"))
@@ -129,6 +240,9 @@ def main() -> None:
         "solvers": check_solvers(),
         "gradients": check_gradients(),
         "timings": time_solves(),
+        "slots": check_slots(),
+        "slot_steps": time_slot_steps("cpu") + time_slot_steps("cuda"),
+        "schedulers_in_process": {d: time_schedulers(d) for d in DEVICES},
     }
     for row in report["solvers"]:
         print(row)
@@ -140,6 +254,12 @@ def main() -> None:
             f"| {r['device']} | {r['method']} | {r['batch_evals']} | "
             f"{r['mean_sample_evals']:.1f} | {r['converged']} | {r['wall_ms_median']:.1f} |"
         )
+    for row in report["slots"]:
+        print(row)
+    print("| device | busy rows | SlotPool ms / step |\n|---|---|---|")
+    for r in report["slot_steps"]:
+        print(f"| {r['device']} | {r['busy']} | {r['ms_per_step']:.3f} |")
+    print("in-process samples/s:", json.dumps(report["schedulers_in_process"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
 
