@@ -226,3 +226,22 @@ def test_training_one_model_never_blocks_inference_on_another(model_dir):
         assert stub.GetModel(pb.GetModelRequest(name="digits")).model.training
         gate.set()
         assert list(session)[-1].committed.version == "2"
+
+
+def test_model_defaults_above_the_server_caps_are_brought_within_them(tmp_path):
+    """The demo model's backward max_iter (100) is above a cap of 50: a Train that does not set
+    it runs within the cap instead of being refused for a field the client never set."""
+    shutil.copy(bundled_checkpoints()["digits"], tmp_path / "digits.safetensors")
+    with (
+        running_server(model_dir=tmp_path, max_iter_cap=50) as server,
+        channel_to(server) as channel,
+    ):
+        stub = deq_pb2_grpc.DEQServiceStub(channel)
+        events = list(stub.Train(iter([config(), *shifted_digit_batches(2)]), timeout=120))
+        steps = [e.step for e in events if e.WhichOneof("event") == "step"]
+        assert len(steps) == 2
+        assert all(s.backward_iterations_max <= 50 for s in steps)
+        assert events[-1].WhichOneof("event") == "committed"
+        with pytest.raises(grpc.RpcError) as refused:  # a value the client sets is still checked
+            list(stub.Train(iter([config(backward_max_iter=51)]), timeout=60))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -88,8 +88,16 @@ def _backward(config: pb.TrainConfig, model: DEQModel, server: ServerConfig) -> 
     if mode not in (pb.GRADIENT_MODE_UNSPECIFIED, pb.GRADIENT_MODE_IFT):
         raise invalid("config.gradient_mode", "IFT, PHANTOM or JFB", mode)
     base = model.backward_strategy if isinstance(model.backward_strategy, IFT) else IFT()
-    tol = config.backward_tol if config.HasField("backward_tol") else base.tol
-    max_iter = config.backward_max_iter if config.HasField("backward_max_iter") else base.max_iter
+    # The model's own defaults are brought within the server's caps (the client never set
+    # them, so refusing would name a field it cannot fix); values the client sets are checked.
+    if config.HasField("backward_tol"):
+        tol = config.backward_tol
+    else:
+        tol = min(max(base.tol, server.min_tol), validate.MAX_TOL)
+    if config.HasField("backward_max_iter"):
+        max_iter = config.backward_max_iter
+    else:
+        max_iter = min(base.max_iter, server.max_iter_cap)
     if not (math.isfinite(tol) and server.min_tol <= tol <= validate.MAX_TOL):
         raise invalid(
             "config.backward_tol", f"a number in [{server.min_tol:g}, {validate.MAX_TOL:g}]", tol
