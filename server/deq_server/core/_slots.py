@@ -125,14 +125,19 @@ class SlotPool:
         self, owners: Sequence[Any], z0: Tensor, inj: Tensor, tol: Tensor, max_iter: Tensor
     ) -> None:
         """Put k samples into free slots: initial states (k, *state_shape), injections, and their
-        own tolerances (k,) and caps (k,). Their first f evaluation happens at the next `step`."""
+        own tolerances (k,) and caps (k,). Their first f evaluation happens at the next `step`.
+
+        `tol` and `max_iter` are checked where they are given: pass them on the host to keep the
+        check from synchronising with the device."""
         k = len(owners)
         if k > self.free:
             raise ValueError(f"{k} samples do not fit in {self.free} free slots")
         if not bool(((tol > 0) & torch.isfinite(tol)).all()) or not bool((max_iter >= 1).all()):
             raise ValueError("every sample needs a finite tol > 0 and max_iter >= 1")
+        device = self._z.device
+        tol, max_iter = tol.to(device), max_iter.to(device)
         slots = [heapq.heappop(self._free) for _ in range(k)]  # ascending
-        at = torch.tensor(slots, device=self._z.device)
+        at = torch.tensor(slots, device=device)
         z0 = z0.reshape(k, -1).to(self._z.dtype)
         self._z.index_copy_(0, at, z0)
         self._best.index_copy_(0, at, z0)

@@ -29,7 +29,15 @@ from torch import Tensor
 
 from deq_server.core import METHODS, SlotPool, SolveResult, Status
 
-from .scheduler import RequestScheduler, SolveJob, SolveOutcome, _limit, frozen
+from .scheduler import (
+    RequestScheduler,
+    SolveJob,
+    SolveOutcome,
+    _limit,
+    _verdict,
+    frozen,
+    per_sample,
+)
 
 log = logging.getLogger("deq_server.continuous")
 
@@ -64,27 +72,6 @@ class _Ticket:
     @property
     def rows(self) -> int:
         return int(self.job.x.shape[0])
-
-    def stopping(self, now: float) -> int:
-        """The status that stops this request's samples now, or 0."""
-        if self.job.cancelled.is_set():
-            return int(Status.CANCELLED)
-        if self.limit is not None and now >= self.limit:
-            return int(Status.DEADLINE)
-        return 0
-
-
-def _per_sample(job: SolveJob, key: str, default: Any, dtype: np.dtype[Any]) -> np.ndarray:
-    """A job's scalar or per-sample setting as one value per sample; floats clamped to the
-    serving dtype's range (a tolerance of 1e300 means "stop at once", not inf in float32)."""
-    value = job.solver.get(key, default)
-    if isinstance(value, Tensor):
-        out = value.detach().cpu().double().numpy()
-    else:
-        out = np.full(job.x.shape[0], value, dtype=np.float64)
-    if np.issubdtype(dtype, np.floating):
-        return np.minimum(out, np.finfo(dtype).max).astype(dtype)
-    return out.astype(dtype)
 
 
 def _lane_key(job: SolveJob) -> tuple[Any, ...]:
@@ -142,8 +129,8 @@ class _Lane:
         ticket = _Ticket(
             job=job,
             future=future,
-            tol=_per_sample(job, "tol", self.defaults["tol"], real),
-            max_iter=_per_sample(job, "max_iter", self.defaults["max_iter"], np.dtype(np.int64)),
+            tol=per_sample(job, "tol", self.defaults["tol"], self.dtype),
+            max_iter=per_sample(job, "max_iter", self.defaults["max_iter"], torch.int64),
             y=np.empty((rows, *model.output_shape), dtype=real),
             z=np.empty((rows, *model.state_shape), dtype=real),
             iterations=np.empty(rows, dtype=np.int64),
@@ -198,8 +185,8 @@ class _Lane:
             [(t, s + i) for t, s, k in chunks for i in range(k)],
             z0.to(self.device),
             inj,
-            torch.from_numpy(tol).to(self.device),
-            torch.from_numpy(cap).to(self.device),
+            torch.from_numpy(tol),  # on the host: the pool checks them without a device sync
+            torch.from_numpy(cap),
         )
 
     def _drop(self, ticket: _Ticket) -> None:
@@ -214,7 +201,7 @@ class _Lane:
 
     def _should_stop(self, owners: Iterable[tuple[_Ticket, int] | None]) -> Tensor | None:
         now = time.monotonic()
-        verdicts = {t: v for t in self.active if (v := t.stopping(now))}
+        verdicts = {t: v for t in self.active if (v := _verdict(t.job, t.limit, now))}
         if not verdicts:
             return None
         per_slot = [verdicts.get(o[0], 0) if o is not None else 0 for o in owners]

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -119,29 +120,29 @@ def _batch_key(job: SolveJob) -> tuple[Any, ...]:
     return (id(job.model), tuple(sorted(options.items())))
 
 
-def _per_row(
-    jobs: list[SolveJob], key: str, default: Any, dtype: torch.dtype, device: Any
-) -> Tensor:
-    """One value per batch row from each job's scalar or per-sample setting.
+def per_sample(job: SolveJob, key: str, default: Any, dtype: torch.dtype) -> np.ndarray:
+    """A job's scalar or per-sample setting as one host value per sample, in `dtype`.
 
     Float settings are clamped to the dtype's range: a tolerance of 1e300 means "stop at once",
     not an overflow to inf in float32.
     """
-    parts = []
-    wide = torch.float64 if dtype.is_floating_point else dtype
-    for job in jobs:
-        value = job.solver.get(key, default)
-        rows = job.x.shape[0]
-        if isinstance(value, Tensor):
-            part = value.to(device=device, dtype=wide)
-            if dtype.is_floating_point:
-                part = part.clamp(max=torch.finfo(dtype).max)
-            parts.append(part.to(dtype))
-        else:
-            if dtype.is_floating_point:
-                value = min(float(value), torch.finfo(dtype).max)
-            parts.append(torch.full((rows,), value, dtype=dtype, device=device))
-    return torch.cat(parts)
+    value = job.solver.get(key, default)
+    if isinstance(value, Tensor):
+        out = value.detach().cpu().double().numpy()
+    else:
+        out = np.full(job.x.shape[0], value, dtype=np.float64)
+    kind = torch.empty((), dtype=dtype).numpy().dtype
+    if dtype.is_floating_point:
+        out = np.minimum(out, np.finfo(kind).max)
+    return out.astype(kind)
+
+
+def _per_row(
+    jobs: list[SolveJob], key: str, default: Any, dtype: torch.dtype, device: Any
+) -> Tensor:
+    """One value per batch row, from each job's scalar or per-sample setting."""
+    rows = np.concatenate([per_sample(job, key, default, dtype) for job in jobs])
+    return torch.from_numpy(rows).to(device)
 
 
 def run_batch(
