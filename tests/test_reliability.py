@@ -92,3 +92,24 @@ def test_a_diverging_fine_tune_skips_steps_and_leaves_serving_untouched(tmp_path
         )
     published = load_checkpoint(tmp_path / "digits" / f"{committed.version}.safetensors")
     assert published.provenance["user.steps"] == str(committed.steps)
+
+
+def test_an_update_that_breaks_the_weights_is_taken_back(tmp_path):
+    """Adam at lr 1e38 turns finite gradients into weights the spectral cap cannot handle: the
+    step is taken back and reported, the stream goes on and commits, nothing is INTERNAL."""
+    shutil.copy(bundled_checkpoints()["digits"], tmp_path / "digits.safetensors")
+    x = np.random.default_rng(1).integers(0, 17, (4, 64)).astype(np.float32)
+    wire = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[4, 64], data=x.tobytes())
+    targets = pb.Tensor(
+        dtype=pb.DATA_TYPE_INT64, shape=[4], data=np.arange(4, dtype=np.int64).tobytes()
+    )
+    config = pb.TrainConfig(
+        model="digits", optimizer=pb.OPTIMIZER_ADAM, learning_rate=1e38, loss=pb.LOSS_CROSS_ENTROPY
+    )
+    batch = pb.TrainRequest(batch=pb.TrainBatch(inputs=wire, targets=targets))
+    with running_server(model_dir=tmp_path) as server, channel_to(server) as channel:
+        stub = deq_pb2_grpc.DEQServiceStub(channel)
+        events = list(stub.Train(iter([pb.TrainRequest(config=config), *[batch] * 3])))
+    steps = [e.step for e in events if e.WhichOneof("event") == "step"]
+    assert [s.skip_reason for s in steps] == ["non-finite weights after the update"] * 3
+    assert events[-1].committed.steps == 0

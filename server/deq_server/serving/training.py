@@ -1,7 +1,8 @@
 """Train sessions: fine-tune a private copy of a served model with implicit gradients.
 
 A session holds the model's training lock from its config message to its end. Each batch is one
-optimizer step (a step whose loss or gradient is not finite is skipped and says so). Committing
+optimizer step (a step whose loss or gradient is not finite is skipped, and one that leaves
+unusable weights is taken back; either says so). Committing
 saves the weights atomically into the model directory and publishes them as a new version;
 a session that ends any other way writes nothing and publishes nothing.
 
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_server.core import IFT, JFB, Backward, DEQModel, Phantom, save_checkpoint
@@ -136,6 +138,23 @@ class Published:
     name: str
     entry: ModelVersion
     steps: int
+
+
+def _usable(model: DEQModel) -> bool:
+    """Whether every parameter, and every weight its parametrizations derive (a spectral cap's
+    SVD overflows on huge weights), is finite."""
+    with torch.no_grad():
+        try:
+            derived = [
+                getattr(module, name)
+                for module in model.modules()
+                if parametrize.is_parametrized(module)
+                for name in module.parametrizations
+            ]
+        except RuntimeError:  # e.g. an SVD that did not converge on non-finite input
+            return False
+        tensors_ = [*model.parameters(), *derived]
+        return all(bool(torch.isfinite(t).all()) for t in tensors_)
 
 
 class TrainSession:
@@ -255,7 +274,19 @@ class TrainSession:
         event.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit))
         if not math.isfinite(event.grad_norm):
             return self._skip(event, "non-finite gradient")
-        self.optimizer.step()
+        params = [p.detach().clone() for p in self.model.parameters()]
+        state = copy.deepcopy(self.optimizer.state_dict())
+        try:
+            self.optimizer.step()
+            usable = _usable(self.model)
+        except RuntimeError:  # e.g. Adam's step size overflowing the weights' dtype
+            usable = False
+        if not usable:  # a huge learning rate, say: take the step back
+            with torch.no_grad():
+                for p, old in zip(self.model.parameters(), params, strict=True):
+                    p.copy_(old)
+            self.optimizer.load_state_dict(state)
+            return self._skip(event, "non-finite weights after the update")
         self.steps += 1
         back = result.backward
         if back is not None:
