@@ -187,3 +187,43 @@ def test_training_step_peak_memory_is_flat_in_forward_iterations_unlike_unrolled
 
     assert implicit(200) <= 1.1 * implicit(10)
     assert unrolled(200) > 3 * unrolled(10)
+
+
+@pytest.mark.parametrize("backward", [TIGHT_IFT, Phantom(steps=3, damping=0.5), JFB()])
+def test_trainable_cell_gets_its_gradient_when_the_injection_is_frozen(backward, gen):
+    # Fine-tuning only the cell: inj does not require grad, yet W must get the same gradient as
+    # when everything is trainable (the injection's requires_grad must not gate the backward).
+    model = make_model("mlp")
+    x = small_input("mlp", 4, gen)
+    y, _ = model(x, backward=backward, **TIGHT)
+    (ref,) = torch.autograd.grad((y**2).sum(), [model.layer.W.weight])
+
+    model.layer.injection.requires_grad_(False)
+    y, _ = model(x, backward=backward, **TIGHT)
+    assert y.requires_grad
+    (got,) = torch.autograd.grad((y**2).sum(), [model.layer.W.weight])
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-10)
+    assert got.norm() > 0
+
+
+def test_cell_gradient_with_frozen_injection_matches_finite_differences(gen):
+    model = make_model("mlp")
+    model.layer.injection.requires_grad_(False)
+    x = small_input("mlp", 3, gen)
+    weight = model.layer.W.weight
+
+    def loss() -> Tensor:
+        y, _ = model(x, backward=TIGHT_IFT, **TIGHT)
+        return (y**2).sum()
+
+    (got,) = torch.autograd.grad(loss(), [weight])
+    direction = torch.randn(weight.shape, dtype=weight.dtype, generator=gen)
+    eps = 1e-6
+    with torch.no_grad():
+        weight.add_(eps * direction)
+        up = loss()
+        weight.sub_(2 * eps * direction)
+        down = loss()
+        weight.add_(eps * direction)
+    fd = (up - down) / (2 * eps)
+    torch.testing.assert_close((got * direction).sum(), fd, rtol=1e-6, atol=1e-9)

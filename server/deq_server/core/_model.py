@@ -167,6 +167,10 @@ class DEQModel(nn.Module):
         with self._weights_cached():
             result = solve(self.cell, start, args=(inj.detach(),), should_stop=should_stop, **opts)
         z = result.z
-        if torch.is_grad_enabled() and inj.requires_grad:
+        # Attach whenever anything could receive a gradient: a frozen injection (inj without
+        # grad) must not silently cut the cell's trainable weights off (any() stops at the first).
+        if torch.is_grad_enabled() and (
+            inj.requires_grad or any(p.requires_grad for p in self.parameters())
+        ):
             z = strategy.attach(self.cell, result, inj)
         return self.head(z), result
