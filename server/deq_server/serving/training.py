@@ -83,13 +83,18 @@ def confined_path(model_dir: Path | None, relative: str) -> Path:
 
 def _backward(config: pb.TrainConfig, model: DEQModel, server: ServerConfig) -> Backward:
     mode = config.gradient_mode
+    own = model.backward_strategy
     if mode == pb.GRADIENT_MODE_PHANTOM:
-        return Phantom()
+        # The model's configured steps and damping when it is a phantom model (its steps, like
+        # IFT's max_iter, brought within the server's cap), the class defaults otherwise.
+        if not isinstance(own, Phantom):
+            return Phantom()
+        return Phantom(steps=min(own.steps, server.max_iter_cap), damping=own.damping)
     if mode == pb.GRADIENT_MODE_JFB:
-        return JFB()
+        return own if isinstance(own, JFB) else JFB()
     if mode not in (pb.GRADIENT_MODE_UNSPECIFIED, pb.GRADIENT_MODE_IFT):
         raise invalid("config.gradient_mode", "IFT, PHANTOM or JFB", mode)
-    base = model.backward_strategy if isinstance(model.backward_strategy, IFT) else IFT()
+    base = own if isinstance(own, IFT) else IFT()
     # The model's own defaults are brought within the server's caps (the client never set
     # them, so refusing would name a field it cannot fix); values the client sets are checked.
     if config.HasField("backward_tol"):
