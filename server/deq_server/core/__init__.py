@@ -9,6 +9,7 @@ from ._convert import mlp_to_deq
 from ._implicit import IFT, JFB, Backward, Phantom, make_backward
 from ._methods import METHODS
 from ._model import DEQModel
+from ._package import export_deq
 from ._slots import Retired, SlotPool, SlotStopHook
 from ._solve import Progress, SolveResult, StopHook, solve
 from ._status import Status
@@ -29,6 +30,7 @@ __all__ = [
     "SolveResult",
     "Status",
     "StopHook",
+    "export_deq",
     "load_checkpoint",
     "make_backward",
     "mlp_to_deq",

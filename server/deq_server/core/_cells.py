@@ -7,9 +7,11 @@ Configs are plain JSON dicts; `resolve_config` fills defaults and rejects unknow
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import itertools
 import math
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,18 @@ from torch.nn.utils.parametrizations import weight_norm
 from ._activations import activation
 
 NORMS = ("none", "weight", "spectral")
+
+
+class Layer(Protocol):
+    """What `DEQModel` needs of a cell: the three maps and the per-sample shapes."""
+
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    state_shape: tuple[int, ...]
+
+    def inject(self, x: Tensor) -> Tensor: ...
+    def cell(self, z: Tensor, inj: Tensor) -> Tensor: ...
+    def head(self, z: Tensor) -> Tensor: ...
 
 
 def resolve_config(
@@ -248,3 +262,43 @@ CELLS: dict[str, type[MLPCell] | type[ConvCell] | type[TiedMLPCell]] = {
     "conv": ConvCell,
     "tied_mlp": TiedMLPCell,
 }
+
+
+ENTRY_POINT_GROUP = "deq_serve.cells"
+
+
+@functools.cache
+def cell_class(name: object) -> type[nn.Module]:
+    """The cell class called `name`: a built-in one, else one that an installed package registers
+    in the entry-point group `deq_serve.cells` (code in the image, never in a checkpoint).
+
+    A registered class follows the built-ins' protocol: `REQUIRED` and `DEFAULTS` config dicts,
+    a constructor taking the resolved config, `inject`/`cell`/`head`, and the three shapes.
+    """
+    if isinstance(name, str) and name in CELLS:
+        return CELLS[name]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"config 'cell' must be a cell name, got {name!r}")
+    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP).select(name=name)
+    if not found:
+        raise ValueError(
+            f"unknown cell {name!r}: not built in ({sorted(CELLS)}) and no installed package "
+            f"registers it in the entry-point group {ENTRY_POINT_GROUP!r}"
+        )
+    entry = next(iter(found))
+    try:
+        cls = entry.load()
+    except Exception as exc:  # an installed plugin that fails to import is named, not fatal
+        raise ValueError(f"cell {name!r} ({entry.value}) failed to import: {exc}") from exc
+    problems = []
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        problems.append("is not an nn.Module subclass")
+    for attr in ("REQUIRED", "DEFAULTS"):
+        if not isinstance(getattr(cls, attr, None), dict):
+            problems.append(f"has no {attr} dict")
+    for attr in ("inject", "cell", "head"):
+        if not callable(getattr(cls, attr, None)):
+            problems.append(f"has no {attr}() method")
+    if problems:
+        raise ValueError(f"cell {name!r} ({entry.value}) " + ", ".join(problems))
+    return cast(type[nn.Module], cls)

@@ -10,12 +10,9 @@ is wrong. No pickle ever runs: a `.pt` file is read only with `torch.load(weight
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,62 +22,21 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from ._files import atomic_write, checkpoint_digest
 from ._model import DEQModel
+from ._package import ExportedLayer, PackageError, load_package, save_package
+from ._package_scan import PackageRefusedError
 
 FORMAT_VERSION = 1
+SUFFIXES = (".safetensors", ".pt2")
+# Checkpoint files above this size are refused before they are read (a server's
+# --max-model-bytes can set it lower or higher).
+DEFAULT_MAX_BYTES = 4 << 30
 _REQUIRED_KEYS = ("deq_format_version", "config", "architecture", "created_at", "sha256")
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be trusted: unreadable, corrupt, or not matching its config."""
-
-
-def tensors_digest(tensors: dict[str, Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes of the tensors, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def checkpoint_digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
-    """sha256 over the tensors and every metadata entry except `sha256` itself."""
-    h = hashlib.sha256(tensors_digest(tensors).encode())
-    for key in sorted(meta):
-        if key != "sha256":
-            h.update(f"\0{key}\0{meta[key]}".encode())
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one.
-
-    Temp file in the same folder (same filesystem), fsync, rename over the target, fsync folder.
-    """
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)  # mkstemp creates 0600; checkpoints are read by other users too
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)
 
 
 def save_checkpoint(
@@ -90,7 +46,15 @@ def save_checkpoint(
     *,
     parent: str = "",
 ) -> None:
-    """Save `model` atomically to a `.safetensors` file with its config and provenance."""
+    """Save `model` atomically with its config and provenance: a `.safetensors` file, or for an
+    exported model (`.pt2` package or `export_deq`) a `.pt2` package of the same programs."""
+    if isinstance(model.layer, ExportedLayer):
+        if Path(path).suffix != ".pt2":
+            raise ValueError(f"an exported model saves as a .pt2 package, not {path}")
+        save_package(model, path, metadata, parent=parent)
+        return
+    if Path(path).suffix != ".safetensors":
+        raise ValueError(f"a built-in or registered cell saves as .safetensors, not {path}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config = model.config
     meta = {
@@ -138,8 +102,8 @@ def _parse_meta(path: Path, meta: dict[str, str]) -> dict[str, Any]:
         )
     try:
         config = json.loads(meta["config"])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: metadata 'config' is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: metadata 'config' is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: metadata 'config' must be a JSON object")
     return config
@@ -171,19 +135,30 @@ def _build(path: Path, config: dict[str, Any], tensors: dict[str, Tensor]) -> DE
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], *, config: dict[str, Any] | None = None
+    path: str | os.PathLike[str],
+    *,
+    config: dict[str, Any] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> DEQModel:
     """Load and validate a checkpoint; `model.provenance` holds its metadata.
 
-    `.safetensors` files carry their config. A `.pt` file is a plain state dict (or a dict with
-    "config" and "state_dict") read with `torch.load(weights_only=True)`; pass `config` when the
-    file holds none. Anything wrong raises `CheckpointError` naming the problem.
+    `.safetensors` files carry their config (a built-in or registered cell); `.pt2` packages
+    carry exported programs (see `export_deq`). A `.pt` file is a plain state dict (or a dict
+    with "config" and "state_dict") read with `torch.load(weights_only=True)`; pass `config` when
+    the file holds none. Anything wrong raises `CheckpointError` naming the problem.
     """
     p = Path(path)
     if p.suffix == ".pt":
         return _load_pt(p, config)
+    if p.suffix == ".pt2":
+        try:
+            return load_package(p, max_bytes=max_bytes, parse_meta=_parse_meta)
+        except (PackageError, PackageRefusedError) as exc:
+            raise CheckpointError(f"{p}: refused: {exc}") from None
     if p.suffix != ".safetensors":
-        raise CheckpointError(f"{p}: unsupported checkpoint suffix {p.suffix!r}; use .safetensors")
+        raise CheckpointError(
+            f"{p}: unsupported checkpoint suffix {p.suffix!r}; use .safetensors or .pt2"
+        )
     tensors, meta = _read_safetensors(p)
     parsed = _parse_meta(p, meta)
     if checkpoint_digest(tensors, meta) != meta["sha256"]:
