@@ -178,3 +178,48 @@ def test_methods_with_shared_state_are_refused():
             dtype=torch.float64,
             method="broyden",
         )
+
+
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+@pytest.mark.parametrize("method", ["anderson", "picard"])
+def test_an_infinite_first_residual_retires_the_slot_at_once_as_nonfinite(method, stop_mode):
+    """f(z, u) = u with u = inf for two samples: each leaves its slot after its first evaluation
+    as NONFINITE (inf <= divergence * inf must not keep it running); the others converge as solo."""
+
+    def f(z: torch.Tensor, inj: torch.Tensor) -> torch.Tensor:
+        return inj.clone()
+
+    gen = torch.Generator().manual_seed(5)
+    inj = torch.randn(5, 6, dtype=torch.float64, generator=gen)
+    inj[0] = inj[3] = float("inf")
+    z0 = torch.zeros(5, 6, dtype=torch.float64)
+    tol, cap = torch.full((5,), 1e-10, dtype=torch.float64), torch.full((5,), 50)
+    with torch.no_grad():
+        pool = SlotPool(
+            f,
+            slots=3,
+            state_shape=(6,),
+            inj_shape=(6,),
+            dtype=torch.float64,
+            method=method,
+            stop_mode=stop_mode,
+        )
+        results = run_pool(pool, inj, z0, tol, cap, arrivals=[0, 0, 1, 2, 2])
+    for i in (0, 3):
+        z, iterations, _, status = results[i]
+        assert (iterations, status) == (1, Status.NONFINITE), i
+        assert torch.isfinite(z).all()
+    for i in (1, 2, 4):
+        solo = solve(
+            f,
+            z0[i : i + 1],
+            args=(inj[i : i + 1],),
+            tol=1e-10,
+            max_iter=50,
+            method=method,
+            stop_mode=stop_mode,
+        )
+        z, iterations, _, status = results[i]
+        assert status == Status.CONVERGED
+        assert iterations == int(solo.iterations[0])
+        torch.testing.assert_close(z, inj[i], rtol=0, atol=0)

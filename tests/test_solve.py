@@ -374,3 +374,27 @@ def test_cuda_matches_cpu(method, gen):
     )
     assert torch.equal(cpu.status, gpu.status.cpu())
     torch.testing.assert_close(cpu.z, gpu.z.cpu(), rtol=1e-8, atol=1e-10)
+
+
+def constant_cell(z: Tensor, inj: Tensor) -> Tensor:
+    """f(z, u) = u: the fixed point is u, reached after one step."""
+    return inj.clone()
+
+
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_an_infinite_first_residual_retires_the_row_at_once_as_nonfinite(stop_mode, method, gen):
+    """abs <= divergence * first abs holds for inf <= 1e5 * inf: the first evaluation itself must
+    stop a row whose residual is infinite, while its neighbours converge as they would alone."""
+    inj = torch.randn(4, 6, dtype=torch.float64, generator=gen)
+    inj[0] = float("inf")
+    z0 = torch.zeros(4, 6, dtype=torch.float64)
+    opts = {"tol": 1e-10, "max_iter": 50, "method": method, "stop_mode": stop_mode}
+    result = solve(constant_cell, z0, args=(inj,), **opts)
+    assert result.status[0] == Status.NONFINITE
+    assert result.iterations[0] == 1
+    assert torch.isfinite(result.z[0]).all()  # the best state seen: z0
+    clean = solve(constant_cell, z0[1:], args=(inj[1:],), **opts)
+    assert (result.status[1:] == Status.CONVERGED).all()
+    assert torch.equal(result.iterations[1:], clean.iterations)
+    torch.testing.assert_close(result.z[1:], inj[1:], rtol=0, atol=0)

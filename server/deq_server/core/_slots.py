@@ -174,7 +174,9 @@ class SlotPool:
         self._best[:n] = torch.where(better[:, None], z, self._best[:n])
 
         running = (res > flts[:, 0]) & (ints[:, 1] < ints[:, 2])
-        running &= abs_res <= self.divergence * flts[:, 1]
+        # As in `solve`: NaN fails every comparison, inf needs the isfinite (a first residual of
+        # inf passes `inf <= divergence * inf`).
+        running &= (abs_res <= self.divergence * flts[:, 1]) & torch.isfinite(abs_res)
         stop = should_stop(self._owners[:n]) if should_stop is not None else None
         if stop is not None:
             stop = stop.to(device=z.device, dtype=torch.int64)

@@ -138,7 +138,8 @@ def solve(
     """Find z = f(z, *args) for every sample of a batch, each to its own tolerance.
 
     `tol`, `max_iter`: scalars or (B,) tensors. A row diverges when its absolute residual exceeds
-    `divergence` times its first one. `options` go to the method (e.g. m, beta for anderson).
+    `divergence` times its first one; a row whose residual is not finite (its first one included)
+    stops at once as NONFINITE. `options` go to the method (e.g. m, beta for anderson).
     Runs under no_grad; differentiate through `DEQModel`, which attaches implicit gradients.
     """
     if stop_mode not in STOP_MODES:
@@ -187,9 +188,10 @@ def solve(
             flts[:, 2] = torch.where(better, res, flts[:, 2])
             best_z = torch.where(better[:, None], z, best_z)
 
-            # Comparisons with NaN are False, so a non-finite row is not running.
+            # Comparisons with NaN are False, so a NaN row is not running; an infinite residual
+            # passes `inf <= divergence * inf` (a first residual of inf), hence the isfinite.
             running = (res > flts[:, 0]) & (ints[:, 1] < ints[:, 2])
-            running &= abs_res <= divergence * flts[:, 1]
+            running &= (abs_res <= divergence * flts[:, 1]) & torch.isfinite(abs_res)
             stop = None
             if should_stop is not None:
                 stop = should_stop(Progress(steps, ints[:, 0], res))
