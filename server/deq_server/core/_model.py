@@ -7,13 +7,13 @@ import copy
 import threading
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._cells import CELLS, resolve_config
+from ._cells import Layer, cell_class, resolve_config
 from ._implicit import Backward, backward_config, make_backward
 from ._solve import SolveResult, StopHook, check_solver_options, solve
 
@@ -59,17 +59,20 @@ class DEQModel(nn.Module):
     defaults (`tol`, `max_iter`, `method`, `stop_mode`, method options) and `backward`.
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], layer: nn.Module | None = None) -> None:
+        """Build the cell named by `config["cell"]` (built-in or registered), or wrap `layer`,
+        an already built one (an exported package's programs), whose config keys `config` holds."""
         super().__init__()
-        kind = config.get("cell")
-        if kind not in CELLS:
-            raise ValueError(f"unknown cell {kind!r}; expected one of {sorted(CELLS)}")
-        cls = CELLS[kind]
-        resolved = resolve_config(config, cls.REQUIRED, cls.DEFAULTS)
+        if layer is None:
+            cls = cell_class(config.get("cell"))
+            resolved = resolve_config(config, getattr(cls, "REQUIRED"), getattr(cls, "DEFAULTS"))  # noqa: B009
+            layer = cls(resolved)
+        else:
+            resolved = {k: v for k, v in config.items() if k not in ("solver", "backward")}
         resolved["solver"] = _resolve_solver(config.get("solver"))
         self.backward_strategy: Backward = make_backward(config.get("backward", "ift"))
         resolved["backward"] = backward_config(self.backward_strategy)
-        self.layer = cls(resolved)
+        self.layer = layer
         self._config = resolved
         # Where the weights came from (checkpoint metadata); empty for a fresh model.
         self.provenance: dict[str, str] = {}
@@ -84,19 +87,23 @@ class DEQModel(nn.Module):
         return copy.deepcopy(self._config)
 
     @property
+    def _layer(self) -> Layer:
+        return cast(Layer, self.layer)
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one input sample (the batch dimension excluded)."""
-        return self.layer.input_shape
+        return self._layer.input_shape
 
     @property
     def output_shape(self) -> tuple[int, ...]:
         """Shape of one output sample."""
-        return self.layer.output_shape
+        return self._layer.output_shape
 
     @property
     def state_shape(self) -> tuple[int, ...]:
         """Shape of one sample's fixed-point state."""
-        return self.layer.state_shape
+        return self._layer.state_shape
 
     @property
     def solver_defaults(self) -> Mapping[str, Any]:
@@ -137,13 +144,13 @@ class DEQModel(nn.Module):
         return stack
 
     def inject(self, x: Tensor) -> Tensor:
-        return self.layer.inject(x)
+        return self._layer.inject(x)
 
     def cell(self, z: Tensor, inj: Tensor) -> Tensor:
-        return self.layer.cell(z, inj)
+        return self._layer.cell(z, inj)
 
     def head(self, z: Tensor) -> Tensor:
-        return self.layer.head(z)
+        return self._layer.head(z)
 
     def init_state(self, x: Tensor) -> Tensor:
         ref = next(self.parameters())
