@@ -185,18 +185,20 @@ def _shape_check(name: str, out: object, shape: tuple[int, ...]) -> Tensor:
     return out
 
 
-def _probe(model: DEQModel) -> None:
-    """Run the programs once on two rows: shapes as the metadata says, and rows independent
-    (the solver evaluates any subset of a batch)."""
+def probe(model: DEQModel) -> None:
+    """Run an exported model's programs once on two rows, on its device and in its dtype:
+    shapes as the metadata says, and rows independent (the solver evaluates any subset of a
+    batch). Raises PackageError naming what disagrees."""
     ref = next(iter(model.parameters()), None)
     dtype = ref.dtype if ref is not None else torch.float32
+    device = ref.device if ref is not None else torch.device("cpu")
     layer = model.layer
     assert isinstance(layer, ExportedLayer)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        x = torch.rand(2, *model.input_shape, generator=gen, dtype=dtype)
+        x = torch.rand(2, *model.input_shape, generator=gen, dtype=dtype).to(device)
         u = _shape_check("inject", model.inject(x), layer.inj_shape)
-        z = torch.rand(2, *model.state_shape, generator=gen, dtype=dtype)
+        z = torch.rand(2, *model.state_shape, generator=gen, dtype=dtype).to(device)
         both = _shape_check("cell", model.cell(z, u), model.state_shape)
         _shape_check("head", model.head(z), model.output_shape)
         alone = torch.cat([model.cell(z[i : i + 1], u[i : i + 1]) for i in range(2)])
@@ -210,15 +212,22 @@ def _model(programs: dict[str, ExportedProgram], config: dict[str, Any]) -> DEQM
         model = DEQModel(config, layer=ExportedLayer(programs, shapes))
     except (TypeError, KeyError, ValueError) as exc:
         raise PackageError(f"invalid model config: {exc}") from exc
+    checked_probe(model)
+    return model
+
+
+def checked_probe(model: DEQModel) -> None:
+    """`probe`, with any failure of the programs themselves reported as a PackageError."""
     try:
-        _probe(model)
+        probe(model)
     except PackageError:
         raise
     except Exception as exc:  # a program that fails on inputs of the declared shapes
+        ref = next(model.parameters())
         raise PackageError(
-            f"the programs do not run on the declared shapes: {str(exc)[:300]}"
+            f"the programs do not run on the declared shapes ({ref.dtype} on {ref.device}): "
+            f"{str(exc)[:300]}"
         ) from exc
-    return model
 
 
 def load_package(path: Path, *, max_bytes: int, parse_meta: Any) -> DEQModel:

@@ -89,6 +89,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         device,
         getattr(torch, config.dtype),
         keep_versions=config.keep_versions,
+        max_model_bytes=config.max_model_bytes,
         on_evict=lambda name, version: metrics.model_info.remove(name, version, str(device)),
     )
     registry.load_all(config.model_dir)

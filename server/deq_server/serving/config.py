@@ -27,6 +27,7 @@ class ServerConfig:
     max_train_steps: int = 10_000
     max_train_sessions: int = 4
     keep_versions: int = 2
+    max_model_bytes: int = 4 << 30
     workers: int = 1
     scheduler: str = "continuous"
     max_batch_slots: int = 256
@@ -42,7 +43,7 @@ class ServerConfig:
 _HELP = {
     "address": "gRPC listen address HOST:PORT (port 0 picks a free one)",
     "metrics_address": "Prometheus /metrics listen address HOST:PORT (empty disables it)",
-    "model_dir": "folder of .safetensors checkpoints; with none there, the bundled demo is served",
+    "model_dir": "folder of .safetensors checkpoints and .pt2 packages; with none there, the bundled demo is served",
     "device": "auto (CUDA when available, else CPU), cpu, cuda or cuda:N",
     "dtype": "float32 or float64 for the served weights",
     "max_message_bytes": "largest gRPC message accepted or sent",
@@ -54,6 +55,7 @@ _HELP = {
     "max_train_steps": "most batches one Train stream may send (its config's max_steps too)",
     "max_train_sessions": "Train sessions open at once, over all models (one per model always)",
     "keep_versions": "newest published versions of each model kept in memory (older: disk only)",
+    "max_model_bytes": "largest checkpoint file or package (and its tensors) read; larger ones are refused unread",
     "workers": "solver threads of the request scheduler (solver work never runs on the event loop)",
     "scheduler": "continuous (samples join and leave the solver batch every iteration) or request",
     "max_batch_slots": "solver slots per model version and method setting (continuous scheduler)",
@@ -98,7 +100,7 @@ def parse_config(
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
-    for name in ("max_train_steps", "max_train_sessions", "keep_versions"):
+    for name in ("max_train_steps", "max_train_sessions", "keep_versions", "max_model_bytes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return ServerConfig(**vars(args))

@@ -1,7 +1,8 @@
 """Served models and their published versions, loaded from the model directory at start.
 
-Layout of the model directory: `<name>.safetensors` is version 1 of `<name>`; `<name>/<N>.safetensors`
-is version N. With no checkpoint there (or no directory), the bundled demo models are served.
+Layout of the model directory: `<name>.safetensors` or `<name>.pt2` (an exported package) is
+version 1 of `<name>`; `<name>/<N>.safetensors` or `<name>/<N>.pt2` is version N (both files for
+one version: ambiguous, logged and skipped). With no checkpoint there (or no directory), the bundled demo models are served.
 A checkpoint that fails to load is logged and skipped: the other models keep serving.
 
 Memory stays bounded however many versions training publishes: only the newest `keep_versions`
@@ -20,12 +21,14 @@ from pathlib import Path
 import torch
 
 from deq_server.core import DEQModel, load_checkpoint
+from deq_server.core._checkpoint import DEFAULT_MAX_BYTES, SUFFIXES, CheckpointError
+from deq_server.core._package import ExportedLayer, PackageError, checked_probe
 from deq_server.models import bundled_checkpoints
 
 from .errors import NotFoundError
 
 log = logging.getLogger("deq_server.registry")
-_VERSION_FILE = re.compile(r"^(\d+)\.safetensors$")
+_VERSION_FILE = re.compile(r"^(\d+)\.(?:safetensors|pt2)$")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,16 +66,27 @@ class ServedModel:
 def discover(model_dir: Path | None) -> dict[str, dict[str, Path]]:
     """name -> version -> checkpoint path, from the directory layout above."""
     found: dict[str, dict[str, Path]] = {}
+    ambiguous: set[tuple[str, str]] = set()
+
+    def note(name: str, version: str, path: Path) -> None:
+        if version in found.setdefault(name, {}):
+            ambiguous.add((name, version))
+        found[name][version] = path
+
     if model_dir is None or not model_dir.is_dir():
         return found
-    for path in sorted(model_dir.glob("*.safetensors")):
-        found.setdefault(path.stem, {})["1"] = path
+    for path in sorted(model_dir.iterdir()):
+        if path.suffix in SUFFIXES and path.is_file():
+            note(path.stem, "1", path)
     for folder in sorted(p for p in model_dir.iterdir() if p.is_dir()):
         for path in sorted(folder.iterdir()):
             match = _VERSION_FILE.match(path.name)
             if match and path.is_file():
-                found.setdefault(folder.name, {})[str(int(match.group(1)))] = path
-    return found
+                note(folder.name, str(int(match.group(1))), path)
+    for name, version in sorted(ambiguous):
+        log.error("skipping %s version %s: more than one checkpoint file for it", name, version)
+        del found[name][version]
+    return {name: versions for name, versions in found.items() if versions}
 
 
 class Registry:
@@ -87,6 +101,7 @@ class Registry:
         dtype: torch.dtype,
         keep_versions: int | None = None,
         on_evict: Callable[[str, str], None] | None = None,
+        max_model_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         if keep_versions is not None and keep_versions < 1:
             raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
@@ -94,6 +109,7 @@ class Registry:
         self.dtype = dtype
         self.keep_versions = keep_versions
         self.on_evict = on_evict
+        self.max_model_bytes = max_model_bytes
         self.models: dict[str, ServedModel] = {}
         self._reserved: dict[str, set[int]] = {}
 
@@ -120,7 +136,13 @@ class Registry:
 
     def load_version(self, version: str, path: Path) -> ModelVersion:
         """Load a checkpoint as an eval-mode model on the serving device (not yet served)."""
-        model = load_checkpoint(path).to(device=self.device, dtype=self.dtype).eval()
+        model = load_checkpoint(path, max_bytes=self.max_model_bytes)
+        model = model.to(device=self.device, dtype=self.dtype).eval()
+        if isinstance(model.layer, ExportedLayer):  # programs may hard-code a dtype or device
+            try:
+                checked_probe(model)
+            except PackageError as exc:
+                raise CheckpointError(f"{path}: refused: {exc}") from None
         return ModelVersion(version=version, model=model, path=path)
 
     def add(self, name: str, version: str, path: Path) -> ModelVersion:

@@ -29,6 +29,8 @@ from torch.nn.utils import parametrize
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_server.core import IFT, JFB, Backward, DEQModel, Phantom, save_checkpoint
+from deq_server.core._checkpoint import SUFFIXES
+from deq_server.core._package import ExportedLayer
 
 from . import tensors, validate
 from .config import ServerConfig
@@ -66,9 +68,11 @@ def confined_path(model_dir: Path | None, relative: str) -> Path:
         raise FailedPreconditionError("the server has no --model-dir to load checkpoints from")
     if not relative or any(ord(c) < 32 for c in relative) or Path(relative).is_absolute():
         raise invalid("path", "a relative path inside the model directory", repr(relative))
-    if ".." in Path(relative).parts or not relative.endswith(".safetensors"):
+    if ".." in Path(relative).parts or not relative.endswith(SUFFIXES):
         raise invalid(
-            "path", "a .safetensors file inside the model directory (no '..')", repr(relative)
+            "path",
+            "a .safetensors or .pt2 file inside the model directory (no '..')",
+            repr(relative),
         )
     root = Path(model_dir).resolve()
     path = (root / relative).resolve()
@@ -329,7 +333,8 @@ class TrainSession:
         assert self.server.model_dir is not None
         folder = Path(self.server.model_dir) / self.publish_as
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{version}.safetensors"
+        suffix = ".pt2" if isinstance(self.model.layer, ExportedLayer) else ".safetensors"
+        path = folder / f"{version}{suffix}"
         if path.exists() or not folder.resolve().is_relative_to(
             Path(self.server.model_dir).resolve()
         ):
