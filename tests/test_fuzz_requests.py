@@ -96,7 +96,9 @@ def model_infer_requests(draw: st.DrawFn) -> oip.ModelInferRequest:
     for _ in range(draw(st.integers(0, 2))):
         shape = draw(st.lists(st.integers(-1, 70), max_size=3))
         request.inputs.add(
-            name="input", datatype=draw(st.sampled_from(["FP32", "FP64", "INT8", ""])), shape=shape
+            name="input",
+            datatype=draw(st.sampled_from(["FP32", "FP64", "FP16", "BF16", "INT8", ""])),
+            shape=shape,
         )
         request.raw_input_contents.append(b"\0" * draw(st.integers(0, 600)))
     for key in draw(st.lists(st.sampled_from(["tol", "max_iter", "method", "bogus"]), max_size=3)):

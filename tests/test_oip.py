@@ -63,6 +63,15 @@ def test_tritonclient_infer_with_solver_parameters_matches_a_local_solve(seen):
     assert max(seen["residual"]) <= 1e-6
 
 
+def test_tritonclient_bf16_and_fp16_inputs_answer_as_fp32(seen):
+    """tritonclient sends BF16 (from an ml_dtypes array) and FP16 as raw bytes; the pixels are
+    integers, exact in both, so the answers are the FP32 request's (to float32 rounding)."""
+    for key in ("output_bf16", "output_fp16"):
+        np.testing.assert_allclose(
+            np.array(seen[key]), np.array(seen["output"]), rtol=1e-5, atol=1e-5
+        )
+
+
 def test_tritonclient_sees_errors_with_their_messages(seen):
     assert "input.shape" in seen["error_bad_shape"]
     assert "parameters.solver" in seen["error_bad_parameter"]

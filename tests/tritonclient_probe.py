@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
+import ml_dtypes
 import numpy as np
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
@@ -35,6 +36,18 @@ def main() -> None:
     result = client.infer(
         "digits", [inp], parameters={"tol": 1e-6, "method": "picard", "max_iter": 200}
     )
+    # The same pixels (integers, exact in 16 bits) as BF16 (ml_dtypes, as tritonclient wants) and FP16.
+    half_inputs = []
+    for datatype, dtype in (("BF16", ml_dtypes.bfloat16), ("FP16", np.float16)):
+        half = triton.InferInput("input", list(x.shape), datatype)
+        half.set_data_from_numpy(x.astype(dtype))
+        half_inputs.append(half)
+    halves = [
+        client.infer(
+            "digits", [half], parameters={"tol": 1e-6, "method": "picard", "max_iter": 200}
+        )
+        for half in half_inputs
+    ]
     bad_shape = triton.InferInput("input", [1, 63], "FP32")
     bad_shape.set_data_from_numpy(np.zeros((1, 63), np.float32))
     good = triton.InferInput("input", [1, 64], "FP32")
@@ -48,6 +61,8 @@ def main() -> None:
         "server_name": client.get_server_metadata(as_json=True)["name"],
         "input": x.tolist(),
         "output": result.as_numpy("output").tolist(),
+        "output_bf16": halves[0].as_numpy("output").tolist(),
+        "output_fp16": halves[1].as_numpy("output").tolist(),
         "iterations": result.as_numpy("iterations").tolist(),
         "status": result.as_numpy("status").tolist(),
         "residual": result.as_numpy("residual").tolist(),

@@ -4,7 +4,8 @@ ModelInfer is translated into a `deq.v1.InferRequest` and answered by `DEQServic
 protocols share validation, scheduling and metrics. Solver options travel in the request
 `parameters` (tol, max_iter, method, stop_mode, allow_partial); besides `output`, the response
 carries per-sample `iterations` (INT64), `residual` (FP64) and `status` (INT32, the SampleStatus
-numbers) as extra outputs. Inputs may come as raw_input_contents or typed contents.
+numbers) as extra outputs. Inputs (FP32, FP64, FP16 or BF16) may come as raw_input_contents, or
+as typed contents for FP32 and FP64 (the protocol has none for the 16-bit types).
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from .registry import Registry
 from .servicer import DEQServicer, model_info
 from .validate import METHODS, STOP_MODES
 
-_WIRE = {"FP32": (pb.DATA_TYPE_FLOAT32, "<f4"), "FP64": (pb.DATA_TYPE_FLOAT64, "<f8")}
+# Input datatypes: the deq.v1 float dtypes. KServe v2 has typed contents for FP32 and FP64 only;
+# FP16 and BF16 (16-bit patterns, decoded by deq.v1) come as raw_input_contents, as in Triton.
+_WIRE = {
+    "FP32": (pb.DATA_TYPE_FLOAT32, "<f4"),
+    "FP64": (pb.DATA_TYPE_FLOAT64, "<f8"),
+    "FP16": (pb.DATA_TYPE_FLOAT16, "<f2"),
+    "BF16": (pb.DATA_TYPE_BFLOAT16, "<u2"),
+}
+_TYPED_CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents"}
 OUTPUTS = ("output", "iterations", "residual", "status")
 _METHOD_CODES = {name: code for code, name in METHODS.items()}
 _STOP_CODES = {name: code for code, name in STOP_MODES.items()}
@@ -78,13 +87,15 @@ def input_tensor(request: oip.ModelInferRequest) -> pb.Tensor:
     dtype, np_dtype = _WIRE[tensor.datatype]
     if request.raw_input_contents:
         data = request.raw_input_contents[0]
-    else:
-        values = (
-            tensor.contents.fp32_contents
-            if tensor.datatype == "FP32"
-            else tensor.contents.fp64_contents
-        )
+    elif tensor.datatype in _TYPED_CONTENTS:
+        values = getattr(tensor.contents, _TYPED_CONTENTS[tensor.datatype])
         data = np.asarray(values, dtype=np_dtype).tobytes()
+    else:
+        raise invalid(
+            "raw_input_contents",
+            f"the {tensor.datatype} input's bytes (the protocol has no typed contents for it)",
+            "none",
+        )
     return pb.Tensor(dtype=dtype, shape=list(tensor.shape), data=data)
 
 

@@ -1,4 +1,9 @@
-"""Wire tensors <-> torch, validated before any allocation."""
+"""Wire tensors <-> torch, validated before any allocation.
+
+numpy has no bfloat16: as in the client SDK (`deq_client._tensor`), a bfloat16 tensor travels as
+its 16-bit patterns (little-endian), which torch reinterprets as `torch.bfloat16` without
+rounding. Every bfloat16 value is exactly a float32, so the cast to the serving dtype is exact.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ _DTYPES: dict[int, tuple[np.dtype, torch.dtype]] = {
     pb.DATA_TYPE_FLOAT64: (np.dtype("<f8"), torch.float64),
     pb.DATA_TYPE_FLOAT16: (np.dtype("<f2"), torch.float16),
     pb.DATA_TYPE_INT64: (np.dtype("<i8"), torch.int64),
+    pb.DATA_TYPE_BFLOAT16: (np.dtype("<u2"), torch.bfloat16),  # the bit patterns
 }
 _TO_WIRE = {torch_dtype: code for code, (_, torch_dtype) in _DTYPES.items()}
 
@@ -43,7 +49,8 @@ def decode(t: pb.Tensor, field: str, *, max_elements: int) -> torch.Tensor:
             f"{len(t.data)} bytes",
         )
     array = np.frombuffer(t.data, dtype=np_dtype).reshape(shape)
-    return torch.from_numpy(array.astype(np_dtype.newbyteorder("="), copy=True))
+    out = torch.from_numpy(array.astype(np_dtype.newbyteorder("="), copy=True))
+    return out.view(torch.bfloat16) if t.dtype == pb.DATA_TYPE_BFLOAT16 else out
 
 
 def encode(x: torch.Tensor) -> pb.Tensor:
@@ -51,9 +58,10 @@ def encode(x: torch.Tensor) -> pb.Tensor:
     x = x.detach().cpu().contiguous()
     if x.dtype not in _TO_WIRE:
         x = x.to(torch.float32)
-    array = x.numpy()
+    wire = _TO_WIRE[x.dtype]
+    array = x.view(torch.uint16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
     return pb.Tensor(
-        dtype=_TO_WIRE[x.dtype],
+        dtype=wire,
         shape=list(array.shape),
         data=array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(),
     )
