@@ -100,9 +100,9 @@ def read_regular(path: Path, max_bytes: int) -> bytes:
             raise PackageRefusedError("not a regular file")
         if st.st_size > max_bytes:
             raise PackageRefusedError(f"file is {st.st_size} bytes, above the cap of {max_bytes}")
-        data = fh.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise PackageRefusedError(f"file grew above the cap of {max_bytes} bytes while read")
+        data = fh.read(st.st_size + 1)  # not max_bytes + 1: read() allocates what it is asked
+    if len(data) > st.st_size:
+        raise PackageRefusedError("file grew while it was read")
     return data
 
 
@@ -287,33 +287,37 @@ def check_graph(program: str, model: Any) -> None:
         check_expression(key)
 
 
+def _scan(zf: zipfile.ZipFile, max_bytes: int) -> Scan:
+    root, members = _members(zf, max_bytes)
+    _programs(members)
+    meta = _json(zf, f"{root}/{METADATA_MEMBER}")
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise PackageRefusedError(f"{METADATA_MEMBER} must be a JSON object of strings")
+    total = 0
+    graphs: dict[str, str] = {}
+    for program in PROGRAMS:
+        for folder, cfg in (
+            ("weights", f"data/weights/{program}_weights_config.json"),
+            ("constants", f"data/constants/{program}_constants_config.json"),
+        ):
+            total += _tensor_entries(zf, root, members, folder, cfg)
+        if total > max_bytes:
+            raise PackageRefusedError(f"tensors declare more than the cap of {max_bytes} bytes")
+        name = f"{root}/models/{program}.json"
+        check_graph(program, _json(zf, name))
+        graphs[program] = hashlib.sha256(zf.read(name)).hexdigest()
+    return Scan(metadata=meta, tensor_bytes=total, graph_sha256=graphs)
+
+
 def scan_package(data: bytes, max_bytes: int) -> Scan:
     """Run every check above on a package's bytes; raises PackageRefusedError naming the first
     rule broken. The caller then hands torch these same bytes (no file swapped in between)."""
     try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise PackageRefusedError(f"not a zip archive: {exc}") from None
-    with zf:
-        root, members = _members(zf, max_bytes)
-        _programs(members)
-        meta = _json(zf, f"{root}/{METADATA_MEMBER}")
-        if not isinstance(meta, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
-        ):
-            raise PackageRefusedError(f"{METADATA_MEMBER} must be a JSON object of strings")
-        total = 0
-        graphs: dict[str, str] = {}
-        for program in PROGRAMS:
-            total += _tensor_entries(
-                zf, root, members, "weights", f"data/weights/{program}_weights_config.json"
-            )
-            total += _tensor_entries(
-                zf, root, members, "constants", f"data/constants/{program}_constants_config.json"
-            )
-            if total > max_bytes:
-                raise PackageRefusedError(f"tensors declare more than the cap of {max_bytes} bytes")
-            name = f"{root}/models/{program}.json"
-            check_graph(program, _json(zf, name))
-            graphs[program] = hashlib.sha256(zf.read(name)).hexdigest()
-    return Scan(metadata=meta, tensor_bytes=total, graph_sha256=graphs)
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            return _scan(zf, max_bytes)
+    except PackageRefusedError:
+        raise
+    except (zipfile.BadZipFile, EOFError, KeyError, OSError, ValueError) as exc:
+        raise PackageRefusedError(f"corrupt archive: {str(exc)[:200]}") from None

@@ -1,0 +1,324 @@
+"""Hostile `.pt2` packages: each attack is refused with a CheckpointError naming it, and no code
+from the file ever runs. Where torch's own loader would run the attack's code, a control test
+shows it does (so the gadget is live and the refusal is what protects us)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import pytest
+import sympy
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from package_tools import (
+    Members,
+    edit_json,
+    export_gated,
+    gadget_bytes,
+    read_members,
+    rewrite,
+    write_members,
+)
+from torch.export.pt2_archive._package import load_pt2
+
+from deq_server.core import CheckpointError, load_checkpoint
+from deq_server.core._package import save_package
+from deq_server.core._package_scan import PackageRefusedError, check_expression
+
+WEIGHTS_CFG = "data/weights/cell_weights_config.json"
+CONSTANTS_CFG = "data/constants/cell_constants_config.json"
+CELL_GRAPH = "models/cell.json"
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pkg") / "gated.pt2"
+    export_gated(path)
+    return path
+
+
+def refused(path: Path, *words: str, max_bytes: int | None = None) -> str:
+    kwargs = {} if max_bytes is None else {"max_bytes": max_bytes}
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, **kwargs)
+    message = str(info.value)
+    for word in words:
+        assert word in message, message
+    return message
+
+
+def test_the_untouched_package_loads(package: Path) -> None:
+    model = load_checkpoint(package)
+    assert model.config["cell"] == "exported"
+    assert model.output_shape == (3,)
+
+
+# --- code in the file ------------------------------------------------------------------------
+
+
+def _pickled_weight(marker: Path) -> object:
+    def edit(m: Members) -> None:
+        def change(cfg: dict) -> None:  # type: ignore[type-arg]
+            entry = next(iter(cfg["config"].values()))
+            entry["use_pickle"] = True
+            m[f"data/weights/{entry['path_name']}"] = gadget_bytes(marker)
+
+        edit_json(m, WEIGHTS_CFG, change)
+
+    return edit
+
+
+def test_pickle_gadget_in_the_weights_never_runs(package: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    bad = rewrite(package, tmp_path / "bad.pt2", _pickled_weight(marker), reseal=False)  # type: ignore[arg-type]
+    refused(bad, "pickled")
+    assert not marker.exists()
+    with pytest.raises(Exception):  # noqa: B017, PT011  # control: torch alone runs the gadget
+        load_pt2(str(bad))
+    assert marker.exists()
+
+
+def test_pickle_gadget_in_the_constants_never_runs(package: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+
+    def edit(m: Members) -> None:
+        def change(cfg: dict) -> None:  # type: ignore[type-arg]
+            entry = next(iter(cfg["config"].values()))
+            entry["path_name"], entry["use_pickle"] = "opaque_obj_0", True
+            m["data/constants/opaque_obj_0"] = gadget_bytes(marker)
+
+        edit_json(m, CONSTANTS_CFG, change)
+
+    bad = rewrite(package, tmp_path / "bad.pt2", edit, reseal=False)
+    refused(bad)
+    assert not marker.exists()
+    with contextlib.suppress(Exception):  # control: torch pickle.loads it
+        load_pt2(str(bad))
+    assert marker.exists()
+
+
+def test_pickle_gadget_in_the_sample_inputs_never_runs(package: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+
+    def edit(m: Members) -> None:
+        m["data/sample_inputs/cell.pt"] = gadget_bytes(marker)
+
+    bad = rewrite(package, tmp_path / "bad.pt2", edit, reseal=False)
+    refused(bad, "torch could not read")
+    assert not marker.exists()
+    # control: torch falls back to full unpickling when weights-only refuses (and may fail after)
+    with contextlib.suppress(Exception):
+        load_pt2(str(bad))
+    assert marker.exists()
+
+
+def test_guard_code_from_the_file_never_runs(package: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    guard = f"L['z'].size()[0] == L['u'].size()[0] and open({str(marker)!r}, 'w') is not None"
+
+    def edit(m: Members) -> None:
+        edit_json(m, CELL_GRAPH, lambda g: g.__setitem__("guards_code", [guard]))
+        buf = io.BytesIO()  # torch generates guard code only for programs with sample inputs
+        torch.save(((torch.zeros(2, 8), torch.zeros(2, 8)), {}), buf)
+        m["data/sample_inputs/cell.pt"] = buf.getvalue()
+
+    bad = rewrite(package, tmp_path / "bad.pt2", edit, reseal=True)
+    model = load_checkpoint(bad)  # guards are never generated: shapes are checked by the server
+    model(torch.zeros(2, 6))
+    assert not marker.exists()
+    cell = load_pt2(str(bad)).exported_programs["cell"].module()  # control: torch execs the guard
+    cell(torch.zeros(2, 8), torch.zeros(2, 8))
+    assert marker.exists()
+
+
+def test_code_in_a_shape_expression_is_refused(package: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    gadget = f"open({str(marker)!r}, 'w')"
+
+    def edit(m: Members) -> None:
+        def change(graph: dict) -> None:  # type: ignore[type-arg]
+            values = graph["graph_module"]["graph"]["tensor_values"]
+            sizes = next(
+                v["sizes"] for v in values.values() if v["sizes"] and "as_expr" in v["sizes"][0]
+            )
+            sizes[0]["as_expr"]["expr_str"] = gadget
+
+        edit_json(m, CELL_GRAPH, change)
+
+    bad = rewrite(package, tmp_path / "bad.pt2", edit, reseal=False)
+    refused(bad, "shape expression", "'open'")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Symbol('s27', positive=True, integer=True)",
+        "Add(Mul(Integer(2), Symbol('s0')), Integer(-1))",
+        "Max(1, s0) // 2",
+    ],
+)
+def test_plain_shape_expressions_pass(text: str) -> None:
+    check_expression(text)
+
+
+_TOKENS = [
+    "open(", "'m'", "'w'", ",", ")", "(", "Symbol(", "'s0'", "s0", "+", "*", "//", "__import__",
+    "Integer(", "2", "positive=True", ".", "__class__", "exec", "chr(", "95", "[", "]", "lambda",
+]  # fmt: skip
+
+
+@given(st.lists(st.sampled_from(_TOKENS), max_size=12).map("".join))
+@settings(max_examples=300, deadline=None)
+def test_an_accepted_expression_is_safe_to_sympify(text: str) -> None:
+    """Whatever the scan accepts, sympify (which evaluates Python) can only build sympy values:
+    the tokens that would reach Python (open, exec, chr, dunders, attributes) never pass."""
+    try:
+        check_expression(text)
+    except PackageRefusedError:
+        return
+    for word in ("open", "exec", "chr", "__", "[", "lambda"):
+        assert word not in text
+    assert not re.search(r"[A-Za-z_)\]']\s*\.", text)  # no attribute access (a float may pass)
+    with contextlib.suppress(sympy.SympifyError, TypeError, SyntaxError, ValueError):
+        sympy.sympify(text)
+
+
+def test_a_custom_operator_is_refused_by_name(package: Path, tmp_path: Path) -> None:
+    def edit(m: Members) -> None:
+        def change(graph: dict) -> None:  # type: ignore[type-arg]
+            node = graph["graph_module"]["graph"]["nodes"][0]
+            node["target"] = "torch.ops.evil_lib.launch.default"
+
+        edit_json(m, CELL_GRAPH, change)
+
+    bad = rewrite(package, tmp_path / "bad.pt2", edit, reseal=False)
+    refused(bad, "torch.ops.evil_lib.launch.default")
+
+
+def test_a_compiled_artefact_is_refused(package: Path, tmp_path: Path) -> None:
+    def edit(m: Members) -> None:
+        m["data/aotinductor/model/model.so"] = b"\x7fELF"
+
+    refused(rewrite(package, tmp_path / "bad.pt2", edit, reseal=False), "compiled", ".so")
+
+
+# --- sizes -----------------------------------------------------------------------------------
+
+
+def test_a_zip_bomb_is_refused_without_inflating_it(package: Path, tmp_path: Path) -> None:
+    root, members = read_members(package)
+    members["data/weights/weight_0"] = bytes(200 << 20)  # 200 MB of zeros, ~200 KB deflated
+    bad = tmp_path / "bomb.pt2"
+    write_members(bad, root, members, compress={"data/weights/weight_0"})
+    assert bad.stat().st_size < 2 << 20
+    tracemalloc.start()
+    try:
+        refused(bad, "compressed")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 << 20
+
+
+def test_a_file_above_the_cap_is_refused_unread(package: Path) -> None:
+    refused(package, "above the cap", max_bytes=package.stat().st_size - 1)
+
+
+def test_an_empty_record_with_a_huge_shape_is_refused(package: Path, tmp_path: Path) -> None:
+    def edit(m: Members) -> None:
+        def change(cfg: dict) -> None:  # type: ignore[type-arg]
+            entry = next(iter(cfg["config"].values()))
+            entry["tensor_meta"]["sizes"] = [{"as_int": 1 << 20}, {"as_int": 1 << 20}]
+            entry["tensor_meta"]["strides"] = [{"as_int": 1 << 20}, {"as_int": 1}]
+            m[f"data/weights/{entry['path_name']}"] = b""
+
+        edit_json(m, WEIGHTS_CFG, change)
+
+    refused(rewrite(package, tmp_path / "bad.pt2", edit, reseal=False), "its record has 0")
+
+
+def test_deeply_nested_metadata_is_refused(package: Path, tmp_path: Path) -> None:
+    def edit(m: Members) -> None:
+        m["extra/deq.json"] = b"[" * 100_000 + b"]" * 100_000
+
+    refused(rewrite(package, tmp_path / "bad.pt2", edit, reseal=False), "JSON")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_only_regular_files_are_read(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "x.pt2"
+    if kind == "fifo":
+        os.mkfifo(path)  # a blocking open would hang forever
+    else:
+        path.symlink_to("/dev/zero")  # reading it would never end
+    refused(path, "not a regular file")
+
+
+# --- contents that disagree ------------------------------------------------------------------
+
+
+def test_metadata_shapes_that_disagree_with_the_programs(package: Path, tmp_path: Path) -> None:
+    def edit(m: Members) -> None:
+        def change(meta: dict) -> None:  # type: ignore[type-arg]
+            config = json.loads(meta["config"])
+            config["output_shape"] = [4]
+            meta["config"] = json.dumps(config, sort_keys=True)
+
+        edit_json(m, "extra/deq.json", change)
+
+    refused(rewrite(package, tmp_path / "bad.pt2", edit, reseal=True), "'head' returns")
+
+
+def test_a_missing_program_is_refused(package: Path, tmp_path: Path) -> None:
+    def edit(m: Members) -> None:
+        for name in [n for n in m if "head" in n]:
+            del m[name]
+
+    refused(rewrite(package, tmp_path / "bad.pt2", edit, reseal=False), "programs")
+
+
+def test_a_flipped_weight_byte_fails_the_digest(package: Path, tmp_path: Path) -> None:
+    def edit(m: Members) -> None:
+        data = bytearray(m["data/weights/weight_0"])
+        data[0] ^= 0x01
+        m["data/weights/weight_0"] = bytes(data)
+
+    refused(rewrite(package, tmp_path / "bad.pt2", edit, reseal=False), "sha256")
+
+
+def test_non_finite_weights_are_refused(package: Path, tmp_path: Path) -> None:
+    model = load_checkpoint(package)
+    with torch.no_grad():
+        next(model.parameters())[0].fill_(float("nan"))
+    save_package(model, tmp_path / "nan.pt2")
+    refused(tmp_path / "nan.pt2", "non-finite")
+
+
+@given(position=st.integers(min_value=0), value=st.integers(min_value=0, max_value=255))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_any_corrupted_byte_loads_or_is_refused_cleanly(
+    package: Path, tmp_path: Path, position: int, value: int
+) -> None:
+    data = bytearray(package.read_bytes())
+    data[position % len(data)] = value
+    path = tmp_path / "fuzz.pt2"
+    path.write_bytes(bytes(data))
+    with contextlib.suppress(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_torch_stores_package_members_uncompressed(package: Path) -> None:
+    """The scan refuses compressed members; torch must keep writing them stored."""
+    with zipfile.ZipFile(package) as zf:
+        assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_STORED}
