@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 
 # CPU wheel from the local disk first: a bare torch requirement would pull a multi-GB CUDA build.
 python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-python -m pip install --quiet --disable-pip-version-check -e ".[server,dev]"
+python -m pip install --quiet --disable-pip-version-check -e ".[server,dev,bench]"
+# A cell shipped as an installed package (tests/plugins/example_cells), registered through the
+# `deq_serve.cells` entry-point group, for the bring-your-own-cell tests.
+python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+  ./tests/plugins/example_cells
 
 # buf (the proto linter) ships in the npm package @bufbuild/buf; kept out of the tree in .tools/.
 npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0 > /dev/null
