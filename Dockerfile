@@ -3,9 +3,9 @@
 #   docker build -t deq-serve .                       # CUDA-enabled PyTorch runtime base
 #   docker build --build-arg BASE_IMAGE=<image> .     # any base with Python >= 3.11 and torch
 #
-# BASE_IMAGE must already hold torch (2.3 <= version < 2.15): the install below pins pip to the
-# torch it finds, so pip never swaps in another (multi-GB) build.
-ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
+# BASE_IMAGE must already hold torch (2.3 <= version < 2.15; 2.9 or later to serve .pt2 packages):
+# the install below pins pip to the torch it finds, so pip never swaps in another (multi-GB) build.
+ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import inspect
 import io
 import json
 import math
@@ -107,6 +108,12 @@ def _lookup(module: nn.Module, fqn: str) -> Tensor:
     if not isinstance(value, Tensor):
         raise PackageError(f"program state {fqn!r} is not a tensor")
     return value
+
+
+def _require_torch_export() -> None:
+    """`.pt2` packages need torch 2.9 or later (the PT2 archive, `module(check_guards=)`)."""
+    if "check_guards" not in inspect.signature(ExportedProgram.module).parameters:
+        raise PackageError(f".pt2 packages need torch >= 2.9; this server runs {torch.__version__}")
 
 
 def _runnable(ep: ExportedProgram) -> nn.Module:
@@ -234,6 +241,7 @@ def load_package(path: Path, *, max_bytes: int, parse_meta: Any) -> DEQModel:
     """Load and validate a `.pt2` package (see the module docstring); `parse_meta(path, meta)`
     checks the shared metadata keys and returns the config. Raises PackageError or
     PackageRefusedError naming the problem."""
+    _require_torch_export()
     data = read_regular(path, max_bytes)
     scan = scan_package(data, max_bytes)
     meta = scan.metadata
@@ -331,6 +339,7 @@ def export_deq(
     shape of u and starts at zeros.
     Parameters shared between the three modules are stored, and fine-tuned, once per program.
     """
+    _require_torch_export()
     for module in (inject, cell, head):
         module.eval()
     x = _two_rows(example_input.detach())
