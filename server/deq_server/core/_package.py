@@ -66,14 +66,15 @@ class ExportedLayer(nn.Module):
         self.training = mode
         return self
 
+    # `forward`, not the module call: no hooks, and the graphs take and return flat tensors.
     def inject(self, x: Tensor) -> Tensor:
-        return self.inject_program(x.reshape(x.shape[0], *self.input_shape))
+        return _one(self.inject_program.forward(x.reshape(x.shape[0], *self.input_shape)))
 
     def cell(self, z: Tensor, inj: Tensor) -> Tensor:
-        return self.cell_program(z, inj)
+        return _one(self.cell_program.forward(z, inj))
 
     def head(self, z: Tensor) -> Tensor:
-        return self.head_program(z)
+        return _one(self.head_program.forward(z))
 
     def current_programs(self) -> dict[str, ExportedProgram]:
         """The programs with this layer's current weights (fine-tuned ones too), on the CPU."""
@@ -102,6 +103,12 @@ class ExportedLayer(nn.Module):
         return out
 
 
+def _one(outputs: tuple[Tensor, ...]) -> Tensor:
+    if len(outputs) != 1:
+        raise PackageError(f"a program returns {len(outputs)} outputs; each must return one tensor")
+    return outputs[0]
+
+
 def _lookup(module: nn.Module, fqn: str) -> Tensor:
     owner, _, leaf = fqn.rpartition(".")
     value = getattr(module.get_submodule(owner) if owner else module, leaf)
@@ -116,12 +123,15 @@ def _require_torch_export() -> None:
         raise PackageError(f".pt2 packages need torch >= 2.9; this server runs {torch.__version__}")
 
 
-def _runnable(ep: ExportedProgram) -> nn.Module:
+def _runnable(ep: ExportedProgram) -> torch.fx.GraphModule:
     """`ep` as a module: no generated guard code (it would be exec'd from the file's strings),
-    no per-call input checks (the server checks shapes once), and tensor constants registered
-    as buffers so that `.to(device, dtype)` moves them with the weights."""
+    a forward of flat tensors in and out (no pytree flattening per call: the solver calls the
+    cell every iteration), and tensor constants registered as buffers so that
+    `.to(device, dtype)` moves them with the weights. Shapes are checked by the server."""
     module = ep.module(check_guards=False)
-    module.validate_inputs = False  # type: ignore[assignment]
+    module.graph._codegen = torch.fx.graph.CodeGen()
+    module.graph.eliminate_dead_code()  # weights a program holds but never reads
+    module.recompile()
     for fqn in ep.constants:
         value = getattr(module, fqn, None) if "." not in fqn else None
         if isinstance(value, Tensor) and fqn not in dict(module.named_buffers()):
