@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from serving_harness import running_server
 from torch import Tensor, nn
 
-from deq_client import DEQClient, DEQError
+from deq_client import DEQClient
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_server.core import IFT, DEQModel, Status, load_checkpoint, solve
 from deq_server.serving import training
@@ -256,14 +256,6 @@ def test_train_stream_commits_a_pt2_version_holding_the_sessions_final_weights(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=DEQError,
-    reason="core bug: copy.deepcopy of an ExportedProgram renames a placeholder named after a "
-    "builtin ('input', nn.Linear's argument) to 'input_1' but not its graph signature, so "
-    "ExportedLayer.current_programs() on the Train session's deep copy raises "
-    "SpecViolationError and the commit fails with INTERNAL",
-)
 def test_train_commit_of_a_head_whose_input_is_named_input(digits, split, tmp_path):
     modules, _ = digits
     plain = copy.deepcopy(modules)

@@ -11,8 +11,11 @@ is wrong. No pickle ever runs: a `.pt` file is read only with `torch.load(weight
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ from torch import Tensor
 from ._files import atomic_write, checkpoint_digest
 from ._model import DEQModel
 from ._package import ExportedLayer, PackageError, load_package, save_package
-from ._package_scan import PackageRefusedError
+from ._package_scan import PackageRefusedError, read_regular
 
 FORMAT_VERSION = 1
 SUFFIXES = (".safetensors", ".pt2")
@@ -73,22 +76,80 @@ def save_checkpoint(
     atomic_write(path, st_save(tensors, metadata=meta))
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    data = path.read_bytes()
+# safetensors dtype -> (torch dtype name, bytes per element)
+_ST_DTYPES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2), "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2),
+    "I8": ("int8", 1), "U8": ("uint8", 1), "BOOL": ("bool", 1),
+}  # fmt: skip
+_FLOATING = {"float64", "float32", "float16", "bfloat16"}
+MAX_HEADER_BYTES = 16 << 20
+MAX_CONFIG_CHARS = 1 << 20
+
+
+def _read(path: Path, max_bytes: int) -> bytes:
+    try:
+        return read_regular(path, max_bytes)
+    except PackageRefusedError as exc:
+        raise CheckpointError(f"{path}: refused: {exc}") from None
+
+
+def _header(path: Path, data: bytes) -> dict[str, Any]:
+    """The safetensors header, checked entry by entry against the file before anything is
+    allocated: known dtypes, shapes of sane ints whose bytes match their (in-file) offsets."""
     if len(data) < 8:
         raise CheckpointError(f"{path}: truncated ({len(data)} bytes, no header)")
     header_len = int.from_bytes(data[:8], "little")
-    if header_len > len(data) - 8:
+    if header_len > len(data) - 8 or header_len > MAX_HEADER_BYTES:
         raise CheckpointError(
             f"{path}: truncated or corrupt: header claims {header_len} bytes, file has {len(data) - 8}"
         )
     try:
         header = json.loads(data[8 : 8 + header_len])
-        tensors = st_load(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
-    meta = header.get("__metadata__") or {}
-    return tensors, meta
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file: {str(exc)[:200]}"
+        ) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a readable safetensors file: header is not an object")
+    body = len(data) - 8 - header_len
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in entry.items()
+            ):
+                raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+            continue
+        problem = _entry_problem(entry, body)
+        if problem:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file: tensor {name!r}: {problem}"
+            )
+    return header
+
+
+def _entry_problem(entry: Any, body: int) -> str:
+    if not isinstance(entry, dict):
+        return "header entry is not an object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _ST_DTYPES:
+        return f"unsupported dtype {dtype!r}"
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 8
+        or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**40 for n in shape)
+    ):
+        return f"shape {str(shape)[:80]} is not a list of at most 8 sizes below 2**40"
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= body
+    ):
+        return f"data offsets {str(offsets)[:80]} do not lie in the file"
+    if math.prod(shape) * _ST_DTYPES[dtype][1] != offsets[1] - offsets[0]:
+        return f"shape {shape} of {dtype} does not match its {offsets[1] - offsets[0]} bytes"
+    return ""
 
 
 def _parse_meta(path: Path, meta: dict[str, str]) -> dict[str, Any]:
@@ -100,6 +161,8 @@ def _parse_meta(path: Path, meta: dict[str, str]) -> dict[str, Any]:
             f"{path}: deq_format_version {meta['deq_format_version']!r} is not supported "
             f"(expected {FORMAT_VERSION})"
         )
+    if len(meta["config"]) > MAX_CONFIG_CHARS:
+        raise CheckpointError(f"{path}: metadata 'config' is over {MAX_CONFIG_CHARS} characters")
     try:
         config = json.loads(meta["config"])
     except (json.JSONDecodeError, RecursionError) as exc:
@@ -109,29 +172,62 @@ def _parse_meta(path: Path, meta: dict[str, str]) -> dict[str, Any]:
     return config
 
 
-def _build(path: Path, config: dict[str, Any], tensors: dict[str, Tensor]) -> DEQModel:
+Spec = tuple[tuple[int, ...], str]  # a tensor's shape and dtype name
+
+
+def _meta_model(path: Path, config: dict[str, Any], max_bytes: int) -> DEQModel:
+    """The model built on the meta device (no memory): its tensor shapes and their bytes, which
+    must be within `max_bytes` before the real one is allocated."""
     try:
-        model = DEQModel.from_config(config)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"{path}: invalid model config: {exc}") from exc
-    expected = model.state_dict()
-    problems = [f"missing tensor {k!r}" for k in expected if k not in tensors]
-    problems += [f"unexpected tensor {k!r}" for k in tensors if k not in expected]
-    for name, ref in expected.items():
-        got = tensors.get(name)
-        if got is not None and got.shape != ref.shape:
-            problems.append(
-                f"tensor {name!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
-            )
-        elif got is not None and not got.is_floating_point():
-            problems.append(f"tensor {name!r} has dtype {got.dtype}, expected a floating dtype")
+        with torch.device("meta"):
+            model = DEQModel.from_config(config)
+    except Exception as exc:  # any failure to build from a config is the config's fault
+        raise CheckpointError(f"{path}: invalid model config: {str(exc)[:300]}") from None
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if total > max_bytes:
+        raise CheckpointError(
+            f"{path}: the config's weights take {total} bytes, above the cap of {max_bytes}"
+        )
+    return model
+
+
+def _check_specs(path: Path, expected: dict[str, Spec], found: dict[str, Spec]) -> None:
+    problems = [f"missing tensor {k!r}" for k in expected if k not in found]
+    problems += [f"unexpected tensor {k!r}" for k in found if k not in expected]
+    for name, (shape, _) in expected.items():
+        got = found.get(name)
+        if got is not None and got[0] != shape:
+            problems.append(f"tensor {name!r} has shape {got[0]}, expected {shape}")
+        elif got is not None and got[1] not in _FLOATING:
+            problems.append(f"tensor {name!r} has dtype {got[1]}, expected a floating dtype")
     if problems:
         raise CheckpointError(f"{path}: weights do not match the config: " + "; ".join(problems))
-    dtypes = {t.dtype for t in tensors.values()}
-    if len(dtypes) == 1:
-        model = model.to(dtype=dtypes.pop())
-    model.load_state_dict(tensors)
-    return model
+
+
+def _build(
+    path: Path, config: dict[str, Any], found: dict[str, Spec], max_bytes: int
+) -> Callable[[dict[str, Tensor]], DEQModel]:
+    """Check the tensors' shapes against the config without allocating; returns the step that
+    builds the model and loads the (then read) tensors into it."""
+    meta_model = _meta_model(path, config, max_bytes)
+    expected = {k: (tuple(t.shape), "float32") for k, t in meta_model.state_dict().items()}
+    _check_specs(path, expected, found)
+
+    def load(tensors: dict[str, Tensor]) -> DEQModel:
+        for name, t in tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{path}: tensor {name!r} holds non-finite values")
+        try:
+            model = DEQModel.from_config(config)
+            dtypes = {t.dtype for t in tensors.values()}
+            if len(dtypes) == 1:
+                model = model.to(dtype=dtypes.pop())
+            model.load_state_dict(tensors)
+        except Exception as exc:  # shapes matched on meta, so this is the config's fault
+            raise CheckpointError(f"{path}: invalid model config: {str(exc)[:300]}") from None
+        return model
+
+    return load
 
 
 def load_checkpoint(
@@ -149,7 +245,7 @@ def load_checkpoint(
     """
     p = Path(path)
     if p.suffix == ".pt":
-        return _load_pt(p, config)
+        return _load_pt(p, config, max_bytes)
     if p.suffix == ".pt2":
         try:
             return load_package(p, max_bytes=max_bytes, parse_meta=_parse_meta)
@@ -159,11 +255,23 @@ def load_checkpoint(
         raise CheckpointError(
             f"{p}: unsupported checkpoint suffix {p.suffix!r}; use .safetensors or .pt2"
         )
-    tensors, meta = _read_safetensors(p)
+    data = _read(p, max_bytes)
+    header = _header(p, data)
+    meta = header.get("__metadata__") or {}
     parsed = _parse_meta(p, meta)
+    found = {
+        k: (tuple(v["shape"]), _ST_DTYPES[v["dtype"]][0])
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
+    build = _build(p, parsed, found, max_bytes)
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{p}: not a readable safetensors file: {str(exc)[:200]}") from None
     if checkpoint_digest(tensors, meta) != meta["sha256"]:
         raise CheckpointError(f"{p}: weights or metadata do not match the sha256 (corrupted file)")
-    model = _build(p, parsed, tensors)
+    model = build(tensors)
     if meta["architecture"] != parsed.get("cell"):
         raise CheckpointError(
             f"{p}: metadata architecture {meta['architecture']!r} != config cell {parsed.get('cell')!r}"
@@ -174,11 +282,10 @@ def load_checkpoint(
     return model
 
 
-def _load_pt(path: Path, config: dict[str, Any] | None) -> DEQModel:
+def _load_pt(path: Path, config: dict[str, Any] | None, max_bytes: int) -> DEQModel:
+    data = _read(path, max_bytes)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise  # a missing or unreadable file is not a refused one
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses pickled code with UnpicklingError
         raise CheckpointError(f"{path}: refused: not a plain weights file ({exc})") from exc
     if isinstance(obj, dict) and "state_dict" in obj:
@@ -190,6 +297,7 @@ def _load_pt(path: Path, config: dict[str, Any] | None) -> DEQModel:
         raise CheckpointError(f"{path}: config must be a dict, got {type(config).__name__}")
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors")
-    model = _build(path, config, obj)
+    found = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in obj.items()}
+    model = _build(path, config, found, max_bytes)(obj)
     model.provenance = {"path": str(path), "config": json.dumps(config, sort_keys=True)}
     return model

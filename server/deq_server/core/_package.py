@@ -13,6 +13,7 @@ and fine-tuning work on them as on the built-in cells.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
 import inspect
 import io
@@ -60,6 +61,16 @@ class ExportedLayer(nn.Module):
         self.inj_shape: tuple[int, ...] = tuple(shapes["inj_shape"])
         self.state_shape: tuple[int, ...] = tuple(shapes["state_shape"])
         self.output_shape: tuple[int, ...] = tuple(shapes["output_shape"])
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ExportedLayer:
+        # The programs are shared, not copied: only their graphs and signatures are read (to
+        # write fine-tuned weights back), and deep-copying a program renames its input nodes
+        # (`input` -> `input_1`) without its signature, which torch then refuses.
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = value if key == "programs" else copy.deepcopy(value, memo)
+        return new
 
     def train(self, mode: bool = True) -> ExportedLayer:
         # Exported modules refuse train()/eval(): their graphs fixed the mode when exported.
