@@ -8,7 +8,7 @@ from ._checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ._convert import mlp_to_deq
 from ._implicit import IFT, JFB, Backward, Phantom, make_backward
 from ._methods import METHODS
-from ._model import DEQModel
+from ._model import DEQModel, nonfinite_outputs
 from ._package import export_deq
 from ._slots import Retired, SlotPool, SlotStopHook
 from ._solve import Progress, SolveResult, StopHook, solve
@@ -34,6 +34,7 @@ __all__ = [
     "load_checkpoint",
     "make_backward",
     "mlp_to_deq",
+    "nonfinite_outputs",
     "save_checkpoint",
     "solve",
 ]

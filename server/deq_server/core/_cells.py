@@ -50,8 +50,28 @@ def resolve_config(
     out = {**defaults, **config}
     for key, typ in required.items():
         value = out[key]
-        if typ is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"config key {key!r} must be a positive int, got {value!r}")
+        if typ is int and (
+            isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31
+        ):
+            raise ValueError(
+                f"config key {key!r} must be a positive int below 2**31, got {value!r}"
+            )
+        if typ is list and not (isinstance(value, list) and len(value) <= 1024):
+            raise ValueError(f"config key {key!r} must be a list of at most 1024 entries")
+    for key, default in defaults.items():
+        value = out[key]
+        if isinstance(default, bool) or default is None:
+            continue
+        if isinstance(default, int) and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"config key {key!r} must be an int, got {value!r}")
+        if isinstance(default, float) and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise ValueError(f"config key {key!r} must be a finite number, got {value!r}")
+        if isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(f"config key {key!r} must be a string, got {value!r}")
     return out
 
 
@@ -157,10 +177,12 @@ class ConvCell(nn.Module):
         super().__init__()
         c = config
         ch, k = c["channels"], c["kernel_size"]
+        if not 1 <= c["groups"] <= ch:
+            raise ValueError(f"groups must be in 1..channels ({ch}), got {c['groups']}")
         if ch % c["groups"]:
             raise ValueError(f"channels ({ch}) must be divisible by groups ({c['groups']})")
-        if k % 2 == 0:
-            raise ValueError(f"kernel_size must be odd, got {k}")
+        if not (k >= 1 and k % 2 == 1):
+            raise ValueError(f"kernel_size must be a positive odd int, got {k}")
         self.act = activation(c["activation"])
         self.input_scale, self.input_shift = float(c["input_scale"]), float(c["input_shift"])
         self.in_shape = (c["in_channels"], c["height"], c["width"])

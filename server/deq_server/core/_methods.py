@@ -10,6 +10,7 @@ slots where rows join mid-way: a row whose state tensors are zeroed starts with 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -96,11 +97,11 @@ class Anderson:
     SLOTTED: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if self.m < 1:
-            raise ValueError(f"anderson history m must be >= 1, got {self.m}")
+        if isinstance(self.m, bool) or not isinstance(self.m, int) or not 1 <= self.m <= 64:
+            raise ValueError(f"anderson history m must be an int in 1..64, got {self.m!r}")
         if not 0.0 < self.beta <= 1.0:
             raise ValueError(f"anderson beta must be in (0, 1], got {self.beta}")
-        if self.reg < 0:
+        if not 0 <= self.reg < math.inf:
             raise ValueError(f"anderson reg must be >= 0, got {self.reg}")
 
     def init(self, z: Tensor) -> _AndersonState:
@@ -188,9 +189,9 @@ class Broyden:
     SLOTTED: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if self.m < 1:
-            raise ValueError(f"broyden history m must be >= 1, got {self.m}")
-        if self.growth <= 1.0:
+        if isinstance(self.m, bool) or not isinstance(self.m, int) or not 1 <= self.m <= 256:
+            raise ValueError(f"broyden history m must be an int in 1..256, got {self.m!r}")
+        if not 1.0 < self.growth < math.inf:
             raise ValueError(f"broyden growth must be > 1, got {self.growth}")
 
     def init(self, z: Tensor) -> _BroydenState:

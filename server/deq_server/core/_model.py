@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from ._cells import Layer, cell_class, resolve_config
 from ._implicit import Backward, backward_config, make_backward
 from ._solve import SolveResult, StopHook, check_solver_options, solve
+from ._status import Status
 
 # torch's parametrization cache is process-global: while any thread is inside `cached()`, no
 # entry is dropped, so a training step could reuse another step's weights. Forwards of models
@@ -180,4 +181,15 @@ class DEQModel(nn.Module):
             inj.requires_grad or any(p.requires_grad for p in self.parameters())
         ):
             z = strategy.attach(self.cell, result, inj)
-        return self.head(z), result
+        y = self.head(z)
+        result.status = nonfinite_outputs(y.detach(), result.status)
+        return y, result
+
+
+def nonfinite_outputs(y: Tensor, status: Tensor) -> Tensor:
+    """`status` with CONVERGED turned into NONFINITE where the head's output is not finite (a
+    converged state can still overflow in the head): no sample is labelled CONVERGED with
+    NaN or Inf in its answer."""
+    finite = torch.isfinite(y.reshape(y.shape[0], -1)).all(dim=1)
+    bad = ~finite & (status == int(Status.CONVERGED))
+    return torch.where(bad, torch.full_like(status, int(Status.NONFINITE)), status)

@@ -90,6 +90,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
         getattr(torch, config.dtype),
         keep_versions=config.keep_versions,
         max_model_bytes=config.max_model_bytes,
+        max_iter_cap=config.max_iter_cap,
+        min_tol=config.min_tol,
         on_evict=lambda name, version: metrics.model_info.remove(name, version, str(device)),
     )
     registry.load_all(config.model_dir)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from deq_server.core import METHODS, SlotPool, SolveResult, Status
+from deq_server.core import METHODS, SlotPool, SolveResult, Status, nonfinite_outputs
 
 from .scheduler import (
     RequestScheduler,
@@ -219,9 +219,11 @@ class _Lane:
             retired = self.pool.step(self._should_stop)
             if retired is None:
                 return []
-            y = self.model.head(retired.z).cpu().numpy()
+            y_t = self.model.head(retired.z)
+            status_t = nonfinite_outputs(y_t, retired.status)
+            y = y_t.cpu().numpy()
         z, iterations = retired.z.cpu().numpy(), retired.iterations.cpu().numpy()
-        residual, status = retired.residual.cpu().numpy(), retired.status.cpu().numpy()
+        residual, status = retired.residual.cpu().numpy(), status_t.cpu().numpy()
         groups: dict[_Ticket, tuple[list[int], list[int]]] = {}
         for pos, (ticket, sample) in enumerate(retired.owners):
             positions, samples = groups.setdefault(ticket, ([], []))

@@ -68,20 +68,33 @@ def discover(model_dir: Path | None) -> dict[str, dict[str, Path]]:
     found: dict[str, dict[str, Path]] = {}
     ambiguous: set[tuple[str, str]] = set()
 
+    if model_dir is None or not model_dir.is_dir():
+        return found
+    root = model_dir.resolve()
+
     def note(name: str, version: str, path: Path) -> None:
+        # Confined as LoadModel is: a link may not leave the directory, and only regular
+        # files count (a FIFO or a device would hang or never end).
+        if not path.resolve().is_relative_to(root):
+            log.error("skipping %s: it links outside the model directory", path)
+            return
+        if not path.is_file():
+            log.error("skipping %s: not a regular file", path)
+            return
         if version in found.setdefault(name, {}):
             ambiguous.add((name, version))
         found[name][version] = path
 
-    if model_dir is None or not model_dir.is_dir():
-        return found
     for path in sorted(model_dir.iterdir()):
-        if path.suffix in SUFFIXES and path.is_file():
+        if path.suffix in SUFFIXES:
             note(path.stem, "1", path)
     for folder in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+        if not folder.resolve().is_relative_to(root):
+            log.error("skipping %s: it links outside the model directory", folder)
+            continue
         for path in sorted(folder.iterdir()):
             match = _VERSION_FILE.match(path.name)
-            if match and path.is_file():
+            if match:
                 note(folder.name, str(int(match.group(1))), path)
     for name, version in sorted(ambiguous):
         log.error("skipping %s version %s: more than one checkpoint file for it", name, version)
@@ -102,6 +115,8 @@ class Registry:
         keep_versions: int | None = None,
         on_evict: Callable[[str, str], None] | None = None,
         max_model_bytes: int = DEFAULT_MAX_BYTES,
+        max_iter_cap: int | None = None,
+        min_tol: float | None = None,
     ) -> None:
         if keep_versions is not None and keep_versions < 1:
             raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
@@ -110,6 +125,8 @@ class Registry:
         self.keep_versions = keep_versions
         self.on_evict = on_evict
         self.max_model_bytes = max_model_bytes
+        self.max_iter_cap = max_iter_cap
+        self.min_tol = min_tol
         self.models: dict[str, ServedModel] = {}
         self._reserved: dict[str, set[int]] = {}
 
@@ -143,7 +160,27 @@ class Registry:
                 checked_probe(model)
             except PackageError as exc:
                 raise CheckpointError(f"{path}: refused: {exc}") from None
+        self._check_solver_defaults(path, model)
         return ModelVersion(version=version, model=model, path=path)
+
+    def _check_solver_defaults(self, path: Path, model: DEQModel) -> None:
+        """A request that sets nothing solves with the model's defaults: they must be within
+        the caps a request is held to, and the tolerance representable in the serving dtype."""
+        solver = model.solver_defaults
+        tol, max_iter = solver["tol"], solver["max_iter"]
+        if self.max_iter_cap is not None and max_iter > self.max_iter_cap:
+            raise CheckpointError(
+                f"{path}: solver default max_iter {max_iter} is above the server's "
+                f"--max-iter-cap {self.max_iter_cap}"
+            )
+        if self.min_tol is not None and tol < self.min_tol:
+            raise CheckpointError(
+                f"{path}: solver default tol {tol:g} is below the server's --min-tol {self.min_tol:g}"
+            )
+        if not 0 < float(torch.tensor(tol, dtype=self.dtype)) < float("inf"):
+            raise CheckpointError(
+                f"{path}: solver default tol {tol:g} is not representable in {self.dtype}"
+            )
 
     def add(self, name: str, version: str, path: Path) -> ModelVersion:
         entry = self.load_version(version, path)
