@@ -39,23 +39,47 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "packages.json"
 TARGET = 1.2
 
 
-class Part(nn.Module):
-    """A built-in cell's inject or head as a module of its own (what torch.export traces)."""
+class MLPInject(nn.Module):
+    """The built-in mlp cell's injection as a module owning only its own weights."""
 
-    def __init__(self, layer: nn.Module, name: str) -> None:
+    def __init__(self, layer: Any) -> None:
         super().__init__()
-        self.layer = layer
-        self.name = name
+        self.lin, self.shift, self.scale = layer.injection, layer.input_shift, layer.input_scale
 
     def forward(self, x: Tensor) -> Tensor:
-        return getattr(self.layer, self.name)(x)  # type: ignore[no-any-return]
+        return self.lin((x.flatten(1) - self.shift) * self.scale)  # type: ignore[no-any-return]
 
 
-class CellPart(Part):
-    """A built-in cell's fixed-point map as a module of its own."""
+class MLPCell(nn.Module):
+    """z' = act(W z + inj), sharing the built-in cell's W."""
 
-    def forward(self, z: Tensor, inj: Tensor) -> Tensor:  # type: ignore[override]
-        return self.layer.cell(z, inj)  # type: ignore[no-any-return, operator]
+    def __init__(self, layer: Any) -> None:
+        super().__init__()
+        self.W, self.act = layer.W, layer.act
+
+    def forward(self, z: Tensor, inj: Tensor) -> Tensor:
+        return self.act(self.W(z) + inj)  # type: ignore[no-any-return]
+
+
+class MLPHead(nn.Module):
+    def __init__(self, layer: Any) -> None:
+        super().__init__()
+        self.out = layer.out
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.out(z)  # type: ignore[no-any-return]
+
+
+def export_builtin(model: DEQModel, path: Path, example: Tensor) -> DEQModel:
+    """The built-in model's three maps exported as a package (same weights)."""
+    layer = model.layer
+    return export_deq(
+        path,
+        inject=MLPInject(layer),
+        cell=MLPCell(layer),
+        head=MLPHead(layer),
+        example_input=example,
+    ).eval()
 
 
 def median_time(fn: Callable[[], object], repeat: int) -> float:
@@ -123,15 +147,8 @@ def case(hidden: int, batch: int, repeat: int, folder: Path) -> dict[str, Any]:
     st_path = folder / f"mlp{hidden}.safetensors"
     pt2_path = folder / f"mlp{hidden}.pt2"
     save_checkpoint(builtin, st_path)
-    layer = builtin.layer
     x = torch.randn(batch, 64)
-    exported = export_deq(
-        pt2_path,
-        inject=Part(layer, "inject"),
-        cell=CellPart(layer, "cell"),
-        head=Part(layer, "head"),
-        example_input=x,
-    ).eval()
+    exported = export_builtin(builtin, pt2_path, x)
     with torch.no_grad():
         z = torch.rand(batch, hidden)
         u_b, u_e = builtin.inject(x), exported.inject(x)
@@ -160,8 +177,27 @@ def case(hidden: int, batch: int, repeat: int, folder: Path) -> dict[str, Any]:
         "load_pt2_ms": load_pt2 * 1e3,
         "package_bytes": pt2_path.stat().st_size,
         "safetensors_bytes": st_path.stat().st_size,
+    }
+
+
+def load_memory(hidden: int, folder: Path) -> dict[str, Any]:
+    """Peak memory of loading one mlp model of `hidden` (its W alone is hidden^2 floats)."""
+    torch.manual_seed(0)
+    config = {"cell": "mlp", "in_features": 64, "hidden": hidden, "out_features": 10}
+    builtin = DEQModel.from_config(config).eval()
+    st_path, pt2_path = folder / "big.safetensors", folder / "big.pt2"
+    save_checkpoint(builtin, st_path)
+    export_builtin(builtin, pt2_path, torch.randn(2, 64))
+    weights = sum(t.numel() * t.element_size() for t in builtin.state_dict().values())
+    return {
+        "hidden": hidden,
+        "weights_mb": weights / 2**20,
+        "safetensors_mb": st_path.stat().st_size / 2**20,
+        "package_mb": pt2_path.stat().st_size / 2**20,
         "peak_rss_load_safetensors_mb": peak_load_rss(st_path),
         "peak_rss_load_pt2_mb": peak_load_rss(pt2_path),
+        "load_safetensors_ms": median_time(lambda: load_checkpoint(st_path), 3) * 1e3,
+        "load_pt2_ms": median_time(lambda: load_checkpoint(pt2_path), 3) * 1e3,
     }
 
 
@@ -179,6 +215,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for hidden, batch in sizes:
             rows.append(case(hidden, batch, repeat, Path(tmp)))
+        memory = load_memory(1024 if args.quick else 4096, Path(tmp))
     print(
         "| hidden | batch | cell built-in / exported (us) | ratio | solve (ms) | ratio | "
         "pool step (us) | ratio | load .safetensors / .pt2 (ms) | peak RSS of loading (MB) |"
@@ -189,15 +226,23 @@ def main() -> None:
             f"| {r['hidden']} | {r['batch']} | {r['cell_builtin_us']:.1f} / {r['cell_exported_us']:.1f} "
             f"| {r['cell_ratio']:.2f} | {r['solve_builtin_ms']:.2f} / {r['solve_exported_ms']:.2f} "
             f"| {r['solve_ratio']:.2f} | {r['pool_step_builtin_us']:.0f} / {r['pool_step_exported_us']:.0f} "
-            f"| {r['pool_step_ratio']:.2f} | {r['load_safetensors_ms']:.1f} / {r['load_pt2_ms']:.1f} "
-            f"| {r['peak_rss_load_safetensors_mb']:.1f} / {r['peak_rss_load_pt2_mb']:.1f} |"
+            f"| {r['pool_step_ratio']:.2f} | {r['load_safetensors_ms']:.1f} / {r['load_pt2_ms']:.1f} |"
         )
+    m = memory
+    print(
+        f"\nLoading hidden {m['hidden']} ({m['weights_mb']:.0f} MB of weights; files "
+        f"{m['safetensors_mb']:.0f} / {m['package_mb']:.0f} MB): peak RSS added "
+        f"{m['peak_rss_load_safetensors_mb']:.0f} MB (.safetensors) / "
+        f"{m['peak_rss_load_pt2_mb']:.0f} MB (.pt2), load {m['load_safetensors_ms']:.0f} / "
+        f"{m['load_pt2_ms']:.0f} ms"
+    )
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "torch": torch.__version__,
         "threads": 1,
         "target_ratio": TARGET,
         "rows": rows,
+        "load_memory": memory,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
