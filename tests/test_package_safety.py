@@ -185,8 +185,7 @@ def test_an_accepted_expression_is_safe_to_sympify(text: str) -> None:
         check_expression(text)
     except PackageRefusedError:
         return
-    for word in ("open", "exec", "chr", "__", "[", "lambda"):
-        assert word not in text
+    assert not re.search(r"\b(open|exec|chr|lambda)\b|__|\[", text)  # whole names only
     assert not re.search(r"[A-Za-z_)\]']\s*\.", text)  # no attribute access (a float may pass)
     with contextlib.suppress(sympy.SympifyError, TypeError, SyntaxError, ValueError):
         sympy.sympify(text)

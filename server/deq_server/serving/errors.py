@@ -35,6 +35,10 @@ class FailedPreconditionError(ServingError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class AlreadyExistsError(ServingError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class ResourceExhaustedError(ServingError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

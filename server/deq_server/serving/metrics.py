@@ -129,6 +129,32 @@ class Metrics:
             registry=r,
         )
 
+    def forget_model(self, model: str) -> None:
+        """Remove every series labelled with `model` (an unloaded model's series would otherwise
+        be exported for as long as the process lives)."""
+        per_model: list[tuple[Any, tuple[str, ...]]] = [
+            (self.requests, ("model", "code")),
+            (self.request_seconds, ("model",)),
+            (self.queue_seconds, ("model",)),
+            (self.iterations, ("model", "method", "phase")),
+            (self.residual, ("model", "phase")),
+            (self.samples, ("model", "status")),
+            (self.batch_size, ("model",)),
+            (self.pending, ("model",)),
+            (self.train_steps, ("model",)),
+            (self.train_loss, ("model",)),
+            (self.model_info, ("model", "version", "device")),
+        ]
+        for metric, names in per_model:
+            label_sets = {
+                tuple(sample.labels[n] for n in names)
+                for family in metric.collect()
+                for sample in family.samples
+                if sample.labels.get("model") == model
+            }
+            for values in label_sets:
+                metric.remove(*values)
+
     def record_solve(self, model: str, method: str, phase: str, result: SolveResult) -> None:
         """Per-sample facts of one solve (forward or backward)."""
         iterations = self.iterations.labels(model, method, phase)

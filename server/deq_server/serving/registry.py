@@ -102,6 +102,28 @@ def discover(model_dir: Path | None) -> dict[str, dict[str, Path]]:
     return {name: versions for name, versions in found.items() if versions}
 
 
+# What `atomic_write` names its temp files: `.<target name>.<random>.tmp` beside the target.
+_TEMP_FILE = re.compile(r"^\..+\.(?:safetensors|pt2)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def remove_stale_temp_files(model_dir: Path | None) -> list[Path]:
+    """Delete the temp files of interrupted commits (a SIGKILL mid-save) in the model directory
+    and its version folders; call at start, before any commit can be in flight."""
+    if model_dir is None or not model_dir.is_dir():
+        return []
+    removed = []
+    for folder in [
+        model_dir,
+        *(p for p in model_dir.iterdir() if p.is_dir() and not p.is_symlink()),
+    ]:
+        for path in folder.iterdir():
+            if _TEMP_FILE.match(path.name) and path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+                log.warning("removed %s, left by an interrupted commit", path)
+    return removed
+
+
 class Registry:
     """Name -> ServedModel, on one device and dtype, keeping the newest `keep_versions` of each.
 
@@ -129,14 +151,20 @@ class Registry:
         self.min_tol = min_tol
         self.models: dict[str, ServedModel] = {}
         self._reserved: dict[str, set[int]] = {}
+        # The highest version of each name ever served in this process: numbers are never
+        # handed out twice, even after UnloadModel (a client pinned to "1" must not get
+        # answers from another checkpoint).
+        self._highest: dict[str, int] = {}
 
     @property
     def training_sessions(self) -> int:
         """Train sessions open now (each holds its model's `training` flag)."""
         return sum(served.training for served in self.models.values())
 
-    def reserve_version(self, name: str, model_dir: Path | None) -> str:
-        """The next version number of `name`, past every served, on-disk or reserved one.
+    def reserve_version(self, name: str, model_dir: Path | None, path: Path | None = None) -> str:
+        """The next version number of `name`, past every served, on-disk, reserved or ever
+        served one; or, when `path` is the on-disk file of version N of `name` and no version N
+        or later was served yet, N itself (loading `copy.safetensors` as `copy` gives "1").
 
         Call on the event loop before any await; `release` it once published or abandoned, so
         two concurrent publications never share a number or overwrite a file.
@@ -144,7 +172,13 @@ class Registry:
         used = self._reserved.setdefault(name, set())
         on_disk = discover(model_dir).get(name, {})
         served = self.models[name].versions if name in self.models else {}
-        version = 1 + max((*map(int, served), *map(int, on_disk), *used), default=0)
+        taken = (*map(int, served), *used, self._highest.get(name, 0))
+        if path is not None:
+            for number, file in on_disk.items():
+                if file.resolve() == path.resolve() and int(number) > max(taken, default=0):
+                    used.add(int(number))
+                    return number
+        version = 1 + max((*taken, *map(int, on_disk)), default=0)
         used.add(version)
         return str(version)
 
@@ -195,6 +229,7 @@ class Registry:
         """
         served = self.models.setdefault(name, ServedModel(name))
         served.versions[entry.version] = entry
+        self._highest[name] = max(self._highest.get(name, 0), int(entry.version))
         if self.keep_versions is None:
             return []
         evicted = served.ordered_versions()[: -self.keep_versions]
@@ -205,7 +240,9 @@ class Registry:
         return evicted
 
     def load_all(self, model_dir: Path | None) -> None:
-        """Load every checkpoint of the directory, or the bundled demos when it holds none."""
+        """Load every checkpoint of the directory, or the bundled demos when it holds none.
+        Temp files a killed commit left behind are removed first."""
+        remove_stale_temp_files(model_dir)
         found = discover(model_dir)
         if not found:
             found = {name: {"1": path} for name, path in bundled_checkpoints().items()}

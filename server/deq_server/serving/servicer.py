@@ -10,6 +10,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 
@@ -38,6 +39,16 @@ from .training import TrainSession, check_model_name, confined_path
 # stops reading the stream, and gRPC flow control holds the client back: a client that sends
 # without reading cannot make the server buffer answers without bound.
 STREAM_WINDOW = 64
+
+
+def relative_to_model_dir(message: str, model_dir: Path | None) -> str:
+    """`message` with the model directory's absolute path left out: clients see paths as they
+    give them, never where the server keeps its files."""
+    if model_dir is None:
+        return message
+    for root in {str(Path(model_dir).resolve()), str(model_dir)}:
+        message = message.replace(root.rstrip("/") + "/", "")
+    return message
 
 
 def deadline_margin(time_remaining: float) -> float:
@@ -291,13 +302,17 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         served = self.registry.models.get(name)
         if served is not None and served.training:
             raise FailedPreconditionError(f"model {name!r} is being trained")
-        version = self.registry.reserve_version(name, None)
+        version = self.registry.reserve_version(name, self.config.model_dir, path)
         try:
             entry = await asyncio.to_thread(self.registry.load_version, version, path)
             self.metrics.model_info.labels(name, version, str(self.registry.device)).set(1)
             self.registry.publish(name, entry)  # may unload old versions
         except CheckpointError as exc:
-            raise invalid("path", "a valid deq-serve checkpoint", exc) from None
+            reason = relative_to_model_dir(str(exc), self.config.model_dir)
+            raise invalid("path", "a valid deq-serve checkpoint", reason) from None
+        except OSError as exc:  # unreadable, or gone since it was found
+            reason = relative_to_model_dir(f"{type(exc).__name__}: {exc}", self.config.model_dir)
+            raise invalid("path", "a readable file", reason) from None
         finally:
             self.registry.release(name, version)
         return pb.LoadModelResponse(
@@ -312,8 +327,7 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         if served.training:
             raise FailedPreconditionError(f"model {served.name!r} is being trained")
         del self.registry.models[served.name]
-        for version in served.versions:
-            self.metrics.model_info.remove(served.name, version, str(self.registry.device))
+        self.metrics.forget_model(served.name)
         return pb.UnloadModelResponse()
 
     @unary

@@ -34,7 +34,13 @@ from deq_server.core._package import ExportedLayer
 
 from . import tensors, validate
 from .config import ServerConfig
-from .errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError, invalid
+from .errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    NotFoundError,
+    ResourceExhaustedError,
+    invalid,
+)
 from .memory import release_free_memory
 from .metrics import Metrics
 from .registry import ModelVersion, Registry, ServedModel
@@ -83,6 +89,31 @@ def confined_path(model_dir: Path | None, relative: str) -> Path:
     if not path.is_file():
         raise NotFoundError(f"no checkpoint at {relative!r} in the model directory")
     return path
+
+
+def _check_publish_as(
+    name: str, served: ServedModel, model: DEQModel, registry: Registry, server: ServerConfig
+) -> None:
+    """Publishing under another served model's name must keep its clients working (same shapes),
+    and the name must be free in the model directory (no file where its version folder goes)."""
+    assert server.model_dir is not None
+    target = Path(server.model_dir) / name
+    if target.exists() and not target.is_dir():
+        raise AlreadyExistsError(
+            f"config.publish_as {name!r}: a file of that name is in the model directory"
+        )
+    other = registry.models.get(name)
+    if other is None or other is served:
+        return
+    theirs = other.latest.model
+    mine = (model.input_shape, model.output_shape)
+    if (theirs.input_shape, theirs.output_shape) != mine:
+        raise invalid(
+            "config.publish_as",
+            f"a new name, or a served model with the same input and output shapes "
+            f"({list(mine[0])} -> {list(mine[1])})",
+            f"{name!r}, which maps {list(theirs.input_shape)} -> {list(theirs.output_shape)}",
+        )
 
 
 def _backward(config: pb.TrainConfig, model: DEQModel, server: ServerConfig) -> Backward:
@@ -191,6 +222,7 @@ class TrainSession:
                 config.max_steps,
             )
         self.publish_as = check_model_name("config.publish_as", config.publish_as or served.name)
+        _check_publish_as(self.publish_as, served, version.model, registry, server)
         if config.loss not in _LOSSES:
             raise invalid("config.loss", "MSE or CROSS_ENTROPY", config.loss)
         if config.HasField("max_grad_norm") and not config.max_grad_norm > 0:
