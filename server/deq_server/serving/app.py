@@ -29,7 +29,7 @@ from .metrics import GrpcMetricsInterceptor, Metrics
 from .oip import OIPServicer
 from .registry import Registry, resolve_device
 from .scheduler import RequestScheduler, Scheduler
-from .servicer import DEQServicer
+from .servicer import DEQServicer, TolerantStreamDecoding
 
 log = logging.getLogger("deq_server")
 SERVICE_NAMES = (
@@ -111,6 +111,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     )
     if infer_tokens or admin_tokens:
         interceptors.append(TokenAuthInterceptor(infer_tokens, admin_tokens))
+    interceptors.append(TolerantStreamDecoding())  # innermost: the others see its handler
     server = grpc.aio.server(
         interceptors=interceptors,
         options=limits,

@@ -25,7 +25,7 @@ from deq_server.core._checkpoint import DEFAULT_MAX_BYTES, SUFFIXES, CheckpointE
 from deq_server.core._package import ExportedLayer, PackageError, checked_probe
 from deq_server.models import bundled_checkpoints
 
-from .errors import NotFoundError
+from .errors import NotFoundError, invalid
 
 log = logging.getLogger("deq_server.registry")
 _VERSION_FILE = re.compile(r"^(\d+)\.(?:safetensors|pt2)$")
@@ -265,6 +265,10 @@ class Registry:
             raise NotFoundError(f"model {name!r} is not served; models: {sorted(self.models)}")
         if not version:
             return served, served.latest
+        if not (version.isascii() and version.isdigit() and len(version) <= 18):
+            raise invalid(
+                "version", "a decimal version number (up to 18 digits)", repr(version[:40])
+            )
         entry = served.versions.get(version)
         if entry is None:
             loaded = served.ordered_versions()

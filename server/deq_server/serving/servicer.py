@@ -9,10 +9,13 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_client.pb.deq.v1 import deq_pb2_grpc
@@ -39,6 +42,38 @@ from .training import TrainSession, check_model_name, confined_path
 # stops reading the stream, and gRPC flow control holds the client back: a client that sends
 # without reading cannot make the server buffer answers without bound.
 STREAM_WINDOW = 64
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What the InferStream deserializer yields for a message that does not parse: answered
+    with an error of its own, and the stream goes on."""
+
+    error: str
+
+
+def decode_stream_request(data: bytes) -> pb.InferStreamRequest | Undecodable:
+    try:
+        return pb.InferStreamRequest.FromString(data)
+    except DecodeError as exc:
+        return Undecodable(str(exc)[:200])
+
+
+class TolerantStreamDecoding(grpc.aio.ServerInterceptor):
+    """Gives InferStream the deserializer above: by default grpc fails the whole stream (and
+    with it every request in flight) on one undecodable message."""
+
+    METHOD = "/deq.v1.DEQService/InferStream"
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method != self.METHOD:
+            return handler
+        return handler._replace(request_deserializer=decode_stream_request)
 
 
 def relative_to_model_dir(message: str, model_dir: Path | None) -> str:
@@ -203,28 +238,43 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         tasks: set[asyncio.Task[None]] = set()
         window = asyncio.Semaphore(STREAM_WINDOW)
 
-        async def answer(item: pb.InferStreamRequest) -> None:
-            try:
-                response = await self.infer_counted(item.request, context.time_remaining())
-            except Exception as exc:
-                code, message = status_of(exc)
+        limit = self.config.max_message_bytes
+
+        async def answer(item: pb.InferStreamRequest | Undecodable) -> None:
+            if isinstance(item, Undecodable):
                 await done.put(
                     pb.InferStreamResponse(
-                        request_id=item.request_id, error_code=code.value[0], error_message=message
+                        error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                        error_message=f"a message on this stream could not be decoded: {item.error}",
                     )
                 )
                 return
-            await done.put(pb.InferStreamResponse(request_id=item.request_id, response=response))
+            try:
+                response = await self.infer_counted(item.request, context.time_remaining())
+                message = pb.InferStreamResponse(request_id=item.request_id, response=response)
+                if message.ByteSize() > limit:  # sending it would end the whole stream
+                    raise ResourceExhaustedError(
+                        f"the answer takes {message.ByteSize()} bytes, above the server's "
+                        f"--max-message-bytes {limit}; ask for fewer samples or no state"
+                    )
+            except Exception as exc:
+                code, text = status_of(exc)
+                message = pb.InferStreamResponse(
+                    request_id=item.request_id, error_code=code.value[0], error_message=text
+                )
+            await done.put(message)
 
         async def read() -> None:
-            async for item in request_iterator:
-                await window.acquire()  # released when its answer is taken to be sent
-                task = asyncio.create_task(answer(item))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.gather(*list(tasks))
-            await done.put(None)
+            try:
+                async for item in request_iterator:
+                    await window.acquire()  # released when its answer is taken to be sent
+                    task = asyncio.create_task(answer(item))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            finally:  # a failing reader still lets the answers in flight out, then ends
+                while tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+                await done.put(None)
 
         reader = asyncio.create_task(read())
         try:

@@ -36,8 +36,13 @@ def decode(t: pb.Tensor, field: str, *, max_elements: int) -> torch.Tensor:
             pb.DataType.Name(t.dtype) if t.dtype in pb.DataType.values() else t.dtype,
         )
     shape = tuple(t.shape)
-    if not shape or any(d < 0 for d in shape):
-        raise invalid(f"{field}.shape", "a batch-first shape of non-negative sizes", list(shape))
+    if not 1 <= len(shape) <= 16 or any(not 0 <= d <= max_elements for d in shape):
+        # each size capped too: [0, 2**40, 2**40] holds no element but no array can take it
+        raise invalid(
+            f"{field}.shape",
+            f"a batch-first shape of 1..16 sizes in 0..{max_elements}",
+            list(shape)[:17],
+        )
     count = math.prod(shape)
     if count > max_elements:
         raise invalid(f"{field}.shape", f"at most {max_elements} elements", count)

@@ -72,8 +72,17 @@ def confined_path(model_dir: Path | None, relative: str) -> Path:
     """
     if model_dir is None:
         raise FailedPreconditionError("the server has no --model-dir to load checkpoints from")
-    if not relative or any(ord(c) < 32 for c in relative) or Path(relative).is_absolute():
-        raise invalid("path", "a relative path inside the model directory", repr(relative))
+    if (
+        not relative
+        or len(relative) > 1024
+        or any(ord(c) < 32 for c in relative)
+        or Path(relative).is_absolute()
+    ):
+        raise invalid(
+            "path",
+            "a relative path (up to 1024 characters) inside the model directory",
+            repr(relative[:80]),
+        )
     if ".." in Path(relative).parts or not relative.endswith(SUFFIXES):
         raise invalid(
             "path",
@@ -81,13 +90,16 @@ def confined_path(model_dir: Path | None, relative: str) -> Path:
             repr(relative),
         )
     root = Path(model_dir).resolve()
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):
-        raise invalid(
-            "path", "a file inside the model directory (links may not leave it)", repr(relative)
-        )
-    if not path.is_file():
-        raise NotFoundError(f"no checkpoint at {relative!r} in the model directory")
+    try:
+        path = (root / relative).resolve()
+        if not path.is_relative_to(root):
+            raise invalid(
+                "path", "a file inside the model directory (links may not leave it)", repr(relative)
+            )
+        if not path.is_file():
+            raise NotFoundError(f"no checkpoint at {relative!r} in the model directory")
+    except OSError as exc:  # a name too long for the filesystem, a loop of links, ...
+        raise invalid("path", "a usable path inside the model directory", exc.strerror) from None
     return path
 
 
