@@ -26,6 +26,8 @@ class ServerConfig:
     min_tol: float = 1e-10
     max_train_steps: int = 10_000
     max_train_sessions: int = 4
+    train_idle_seconds: float = 300.0
+    train_max_seconds: float = 3600.0
     keep_versions: int = 2
     max_model_bytes: int = 4 << 30
     workers: int = 1
@@ -54,6 +56,8 @@ _HELP = {
     "min_tol": "smallest tolerance a request may ask for",
     "max_train_steps": "most batches one Train stream may send (its config's max_steps too)",
     "max_train_sessions": "Train sessions open at once, over all models (one per model always)",
+    "train_idle_seconds": "a Train stream silent this long is closed (DEADLINE_EXCEEDED, nothing published)",
+    "train_max_seconds": "longest a Train stream may take to send its messages, from its first (then closed, nothing published)",
     "keep_versions": "newest published versions of each model kept in memory (older: disk only)",
     "max_model_bytes": "largest checkpoint file or package (and its tensors) read; larger ones are refused unread",
     "workers": "solver threads of the request scheduler (solver work never runs on the event loop)",
@@ -103,4 +107,7 @@ def parse_config(
     for name in ("max_train_steps", "max_train_sessions", "keep_versions", "max_model_bytes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("train_idle_seconds", "train_max_seconds"):
+        if not 0 < getattr(args, name) < float("inf"):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number of seconds > 0")
     return ServerConfig(**vars(args))

@@ -293,10 +293,12 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         request_iterator: AsyncIterator[pb.TrainRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.TrainResponse]:
-        """Config first, then batches; the client's half-close commits and publishes."""
+        """Config first, then batches; the client's half-close commits and publishes. A stream
+        silent for --train-idle-seconds, or open for --train-max-seconds, is closed (nothing
+        published), so idle clients cannot hold the session slots or their models' locks."""
         session: TrainSession | None = None
         try:
-            async for message in request_iterator:
+            async for message in self._train_messages(request_iterator):
                 kind = message.WhichOneof("message")
                 if session is None:
                     if kind != "config":
@@ -333,6 +335,31 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         finally:
             if session is not None:
                 session.close()
+
+    async def _train_messages(
+        self, messages: AsyncIterator[pb.TrainRequest]
+    ) -> AsyncIterator[pb.TrainRequest]:
+        """The stream's messages, each awaited at most --train-idle-seconds, all of them within
+        --train-max-seconds of the first."""
+        idle, lifetime = self.config.train_idle_seconds, self.config.train_max_seconds
+        end = time.monotonic() + lifetime
+        iterator = aiter(messages)
+        while True:
+            left = end - time.monotonic()
+            try:
+                message = await asyncio.wait_for(anext(iterator), min(idle, max(left, 0.0)))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if time.monotonic() >= end:
+                    raise DeadlineExceededError(
+                        f"the Train session was open {lifetime:g} s (--train-max-seconds); "
+                        "closed, nothing published"
+                    ) from None
+                raise DeadlineExceededError(
+                    f"no message for {idle:g} s (--train-idle-seconds); closed, nothing published"
+                ) from None
+            yield message
 
     @unary
     async def ListModels(
