@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, cast
 
@@ -19,8 +18,8 @@ from ._solve import SolveResult, StopHook, check_solver_options, solve
 from ._status import Status
 
 # torch's parametrization cache is process-global: while any thread is inside `cached()`, no
-# entry is dropped, so a training step could reuse another step's weights. Forwards of models
-# with parametrizations therefore enter it one at a time; `frozen()` copies never enter it.
+# entry is dropped. deq-serve never enters it (a forward solves with a `frozen()` copy instead);
+# the lock keeps `frozen()` from baking values out of a cache that user code may hold open.
 _PARAMETRIZE_CACHE = threading.Lock()
 
 SOLVER_DEFAULTS: dict[str, Any] = {
@@ -135,14 +134,14 @@ class DEQModel(nn.Module):
                     module.register_parameter(n, nn.Parameter(value, requires_grad=False))
         return out
 
-    def _weights_cached(self) -> contextlib.AbstractContextManager[Any]:
-        """Parametrized weights computed once per call (not per solver iteration)."""
-        if not any(parametrize.is_parametrized(m) for m in self.modules()):
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(_PARAMETRIZE_CACHE)
-        stack.enter_context(parametrize.cached())
-        return stack
+    def _solver_cell(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """The map the no-grad solve iterates: for a model with parametrized weights (weight or
+        spectral norm), a `frozen()` copy's cell, so the weights are computed once per call, not
+        per iteration, with no process-wide cache or lock held during the solve (a long training
+        solve must not block other models' first requests)."""
+        if any(parametrize.is_parametrized(m) for m in self.modules()):
+            return self.frozen().cell
+        return self.cell
 
     def inject(self, x: Tensor) -> Tensor:
         return self._layer.inject(x)
@@ -170,10 +169,10 @@ class DEQModel(nn.Module):
         strategy = self.backward_strategy if backward is None else make_backward(backward)
         inj = self.inject(x)
         start = self.init_state(x) if z0 is None else z0
-        # Only the (no-grad) solve uses cached weights: `attach` must recompute them with
+        # Only the (no-grad) solve uses baked weights: `attach` must recompute them with
         # autograd history, or the weights' own parameters would get no gradient.
-        with self._weights_cached():
-            result = solve(self.cell, start, args=(inj.detach(),), should_stop=should_stop, **opts)
+        cell = self._solver_cell()
+        result = solve(cell, start, args=(inj.detach(),), should_stop=should_stop, **opts)
         z = result.z
         # Attach whenever anything could receive a gradient: a frozen injection (inj without
         # grad) must not silently cut the cell's trainable weights off (any() stops at the first).
