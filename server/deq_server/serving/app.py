@@ -25,6 +25,7 @@ from deq_client.pb.inference import grpc_service_pb2_grpc as oip_grpc
 from .auth import TokenAuthInterceptor, split_tokens
 from .config import ServerConfig, parse_config
 from .continuous import ContinuousScheduler
+from .health_watch import BoundedHealthServicer
 from .metrics import GrpcMetricsInterceptor, Metrics
 from .oip import OIPServicer
 from .registry import Registry, resolve_device
@@ -103,6 +104,12 @@ async def start_server(config: ServerConfig) -> RunningServer:
     limits = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
+        # What one client, authenticated or not, can hold: streams per connection, and idle
+        # connections closed; the server pings quiet peers so that dead ones are noticed.
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+        ("grpc.max_connection_idle_ms", int(config.connection_idle_seconds * 1000)),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
     ]
     interceptors: list[grpc.aio.ServerInterceptor] = [GrpcMetricsInterceptor(metrics.registry)]
     infer_tokens, admin_tokens = (
@@ -119,7 +126,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     )
     deq = DEQServicer(registry, scheduler, metrics, config)
     deq_pb2_grpc.add_DEQServiceServicer_to_server(deq, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = BoundedHealthServicer(config.max_watch_streams)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(
         OIPServicer(deq, registry, health_servicer), server

@@ -27,6 +27,10 @@ class ServerConfig:
     max_train_steps: int = 10_000
     max_train_sessions: int = 4
     train_idle_seconds: float = 300.0
+    stream_idle_seconds: float = 300.0
+    max_watch_streams: int = 16
+    max_streams_per_connection: int = 100
+    connection_idle_seconds: float = 600.0
     train_max_seconds: float = 3600.0
     keep_versions: int = 2
     max_model_bytes: int = 4 << 30
@@ -57,6 +61,10 @@ _HELP = {
     "max_train_steps": "most batches one Train stream may send (its config's max_steps too)",
     "max_train_sessions": "Train sessions open at once, over all models (one per model always)",
     "train_idle_seconds": "a Train stream silent this long is closed (DEADLINE_EXCEEDED, nothing published)",
+    "stream_idle_seconds": "an InferStream with no new request this long is closed (DEADLINE_EXCEEDED; answers in flight are sent first)",
+    "max_watch_streams": "health Watch streams open at once (open to everyone, so capped: RESOURCE_EXHAUSTED past it)",
+    "max_streams_per_connection": "concurrent RPCs one HTTP/2 connection may open (gRPC's max_concurrent_streams)",
+    "connection_idle_seconds": "a connection with no RPC in flight this long is closed (GOAWAY)",
     "train_max_seconds": "longest a Train stream may take to send its messages, from its first (then closed, nothing published)",
     "keep_versions": "newest published versions of each model kept in memory (older: disk only)",
     "max_model_bytes": "largest checkpoint file or package (and its tensors) read; larger ones are refused unread",
@@ -104,10 +112,22 @@ def parse_config(
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
-    for name in ("max_train_steps", "max_train_sessions", "keep_versions", "max_model_bytes"):
+    for name in (
+        "max_train_steps",
+        "max_train_sessions",
+        "keep_versions",
+        "max_model_bytes",
+        "max_watch_streams",
+        "max_streams_per_connection",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("train_idle_seconds", "train_max_seconds"):
+    for name in (
+        "train_idle_seconds",
+        "train_max_seconds",
+        "stream_idle_seconds",
+        "connection_idle_seconds",
+    ):
         if not 0 < getattr(args, name) < float("inf"):
             parser.error(f"--{name.replace('_', '-')} must be a finite number of seconds > 0")
     return ServerConfig(**vars(args))

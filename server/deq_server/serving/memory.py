@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import time
 from collections.abc import Callable
 
 
@@ -29,6 +30,20 @@ def _malloc_trim() -> Callable[[int], int] | None:
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     return trim  # type: ignore[no-any-return]
+
+
+_last_release = 0.0
+
+
+def release_free_memory_soon(min_interval: float = 1.0) -> bool:
+    """`release_free_memory`, at most once per `min_interval` seconds (for frequent events such
+    as streams ending: many thousands closing at once cost one trim a second, not one each)."""
+    global _last_release
+    now = time.monotonic()
+    if now - _last_release < min_interval:
+        return False
+    _last_release = now
+    return release_free_memory()
 
 
 def release_free_memory() -> bool:

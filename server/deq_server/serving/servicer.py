@@ -33,6 +33,7 @@ from .errors import (
     streaming,
     unary,
 )
+from .memory import release_free_memory_soon
 from .metrics import Metrics
 from .registry import Registry, ServedModel
 from .scheduler import Scheduler, SolveJob, SolveOutcome
@@ -74,6 +75,35 @@ class TolerantStreamDecoding(grpc.aio.ServerInterceptor):
         if handler is None or details.method != self.METHOD:
             return handler
         return handler._replace(request_deserializer=decode_stream_request)
+
+
+async def bounded_messages(
+    messages: AsyncIterator[Any],
+    idle: float,
+    lifetime: float,
+    flags: tuple[str, str],
+    outcome: str,
+) -> AsyncIterator[Any]:
+    """A stream's messages, each awaited at most `idle` seconds, all within `lifetime` seconds
+    of the call; past either, DEADLINE_EXCEEDED naming the flag (`flags`: idle, lifetime) and
+    what became of the stream (`outcome`)."""
+    end = time.monotonic() + lifetime
+    iterator = aiter(messages)
+    while True:
+        left = end - time.monotonic()
+        try:
+            message = await asyncio.wait_for(anext(iterator), min(idle, max(left, 0.0)))
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            if time.monotonic() >= end:
+                raise DeadlineExceededError(
+                    f"the stream was open {lifetime:g} s ({flags[1]}); {outcome}"
+                ) from None
+            raise DeadlineExceededError(
+                f"no message for {idle:g} s ({flags[0]}); {outcome}"
+            ) from None
+        yield message
 
 
 def relative_to_model_dir(message: str, model_dir: Path | None) -> str:
@@ -227,6 +257,7 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
     ) -> pb.InferResponse:
         return await self.infer_counted(request, context.time_remaining())
 
+    @streaming
     async def InferStream(
         self,
         request_iterator: AsyncIterator[pb.InferStreamRequest],
@@ -265,8 +296,15 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
             await done.put(message)
 
         async def read() -> None:
+            messages = bounded_messages(
+                request_iterator,
+                self.config.stream_idle_seconds,
+                float("inf"),
+                ("--stream-idle-seconds", ""),
+                "closed once the answers in flight were sent",
+            )
             try:
-                async for item in request_iterator:
+                async for item in messages:
                     await window.acquire()  # released when its answer is taken to be sent
                     task = asyncio.create_task(answer(item))
                     tasks.add(task)
@@ -286,6 +324,7 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+            release_free_memory_soon()  # a flood of streams ending should not leave the heap big
 
     @streaming
     async def Train(
@@ -298,7 +337,14 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         published), so idle clients cannot hold the session slots or their models' locks."""
         session: TrainSession | None = None
         try:
-            async for message in self._train_messages(request_iterator):
+            messages = bounded_messages(
+                request_iterator,
+                self.config.train_idle_seconds,
+                self.config.train_max_seconds,
+                ("--train-idle-seconds", "--train-max-seconds"),
+                "closed, nothing published",
+            )
+            async for message in messages:
                 kind = message.WhichOneof("message")
                 if session is None:
                     if kind != "config":
@@ -335,31 +381,6 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         finally:
             if session is not None:
                 session.close()
-
-    async def _train_messages(
-        self, messages: AsyncIterator[pb.TrainRequest]
-    ) -> AsyncIterator[pb.TrainRequest]:
-        """The stream's messages, each awaited at most --train-idle-seconds, all of them within
-        --train-max-seconds of the first."""
-        idle, lifetime = self.config.train_idle_seconds, self.config.train_max_seconds
-        end = time.monotonic() + lifetime
-        iterator = aiter(messages)
-        while True:
-            left = end - time.monotonic()
-            try:
-                message = await asyncio.wait_for(anext(iterator), min(idle, max(left, 0.0)))
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                if time.monotonic() >= end:
-                    raise DeadlineExceededError(
-                        f"the Train session was open {lifetime:g} s (--train-max-seconds); "
-                        "closed, nothing published"
-                    ) from None
-                raise DeadlineExceededError(
-                    f"no message for {idle:g} s (--train-idle-seconds); closed, nothing published"
-                ) from None
-            yield message
 
     @unary
     async def ListModels(

@@ -1,0 +1,133 @@
+"""What an unauthenticated or idle client can hold (issue 11, item 8): health Watch streams are
+capped so that they can never fill --max-concurrent-rpcs, an InferStream that goes quiet is
+closed, and one connection can open only --max-streams-per-connection calls. Authenticated
+callers keep being served throughout. (bench/flood.py measures latency and memory under a
+flood.)"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving_harness import channel_to, running_server
+
+from deq_client.pb.deq.v1 import deq_pb2 as pb
+from deq_client.pb.deq.v1 import deq_pb2_grpc
+from deq_server.models import bundled_checkpoints
+
+TOKEN = "flood-test-admin-token"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    shutil.copy(bundled_checkpoints()["digits"], tmp_path / "digits.safetensors")
+    return tmp_path
+
+
+def infer_request(batch: int = 1) -> pb.InferRequest:
+    x = np.full((batch, 64), 8.0, np.float32)
+    tensor = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[batch, 64], data=x.tobytes())
+    return pb.InferRequest(model="digits", input=tensor)
+
+
+def test_unauthenticated_watch_streams_cannot_lock_callers_out(model_dir: Path) -> None:
+    """With 24 concurrent RPCs allowed and 40 token-less Watch attempts, only 16 are held; an
+    authenticated caller is still answered."""
+    with (
+        running_server(
+            model_dir=model_dir, admin_tokens=TOKEN, max_concurrent_rpcs=24, max_watch_streams=16
+        ) as server,
+        channel_to(server) as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        held: list[Any] = []
+        refusals: list[tuple[grpc.StatusCode, str]] = []
+        try:
+            for _ in range(40):
+                call = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+                try:
+                    first = next(call)
+                except grpc.RpcError as exc:
+                    refusals.append((exc.code(), exc.details() or ""))
+                    continue
+                assert first.status == health_pb2.HealthCheckResponse.SERVING
+                held.append(call)
+            assert (len(held), len(refusals)) == (16, 24)
+            assert {code for code, _ in refusals} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert all("--max-watch-streams" in text for _, text in refusals)
+            stub = deq_pb2_grpc.DEQServiceStub(channel)
+            for _ in range(5):
+                answer = stub.Infer(infer_request(), metadata=AUTH, timeout=30)
+                assert list(answer.status) == [pb.SAMPLE_STATUS_CONVERGED]
+            check = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            for call in held:
+                call.cancel()
+        # once they close, new watchers are admitted again
+        again = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        try:
+            assert next(again).status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            again.cancel()
+
+
+def one_request_then_quiet(release: threading.Event) -> Iterator[pb.InferStreamRequest]:
+    yield pb.InferStreamRequest(request_id="only", request=infer_request())
+    release.wait(60)
+
+
+def test_a_quiet_infer_stream_is_closed_after_its_answers(model_dir: Path) -> None:
+    release = threading.Event()
+    with (
+        running_server(model_dir=model_dir, stream_idle_seconds=0.3) as server,
+        channel_to(server) as channel,
+    ):
+        stub = deq_pb2_grpc.DEQServiceStub(channel)
+        answers: list[pb.InferStreamResponse] = []
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                answers.extend(stub.InferStream(one_request_then_quiet(release), timeout=30))
+        finally:
+            release.set()
+    assert [a.request_id for a in answers] == ["only"]
+    assert answers[0].HasField("response")
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "--stream-idle-seconds" in (info.value.details() or "")
+
+
+def test_one_connection_holds_at_most_its_stream_cap(model_dir: Path) -> None:
+    """Four half-open streams fill a connection capped at four: a fifth call on it waits (and
+    times out), while another connection is served at once."""
+    releases = [threading.Event() for _ in range(4)]
+    with (
+        running_server(model_dir=model_dir, max_streams_per_connection=4) as server,
+        channel_to(server) as channel,
+        # a connection of its own (channels to one target otherwise share a subchannel)
+        grpc.insecure_channel(
+            f"127.0.0.1:{server.port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as other,
+    ):
+        stub = deq_pb2_grpc.DEQServiceStub(channel)
+        streams = [stub.InferStream(one_request_then_quiet(r), timeout=60) for r in releases]
+        try:
+            for stream in streams:
+                assert next(stream).request_id == "only"  # open and answered, now quiet
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Infer(infer_request(), timeout=2)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            answer = deq_pb2_grpc.DEQServiceStub(other).Infer(infer_request(), timeout=30)
+            assert list(answer.status) == [pb.SAMPLE_STATUS_CONVERGED]
+        finally:
+            for release in releases:
+                release.set()
+            for stream in streams:
+                stream.cancel()
