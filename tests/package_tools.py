@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
+import struct
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -104,3 +106,52 @@ class Gadget:
 
 def gadget_bytes(marker: Path) -> bytes:
     return pickle.dumps(Gadget(marker), protocol=2)
+
+
+def zip_bytes(root: str, members: Members) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(f"{root}/{name}", data)
+    return buf.getvalue()
+
+
+def _split(z: bytes) -> tuple[bytes, list[bytearray]]:
+    """(the local records, the central directory entries) of a zip with no archive comment."""
+    end = z.rindex(b"PK\x05\x06")
+    _, _, _, _, n, size, off, _ = struct.unpack("<4sHHHHIIH", z[end : end + 22])
+    cd, entries, p = z[off : off + size], [], 0
+    while p < len(cd):
+        nl, el, cl = struct.unpack("<HHH", cd[p + 28 : p + 34])
+        entries.append(bytearray(cd[p : p + 46 + nl + el + cl]))
+        p += 46 + nl + el + cl
+    assert len(entries) == n
+    return z[:off], entries
+
+
+def _pad_comment(entry: bytearray, extra: int) -> bytearray:
+    (cl,) = struct.unpack("<H", entry[32:34])
+    struct.pack_into("<H", entry, 32, cl + extra)
+    return bytearray(bytes(entry) + b" " * extra)
+
+
+def two_faced_zip(hostile: bytes, benign: bytes) -> bytes:
+    """One file that Python's zipfile reads as `benign` and torch's reader (miniz) as `hostile`:
+    two central directories; zipfile finds the one before the end record and shifts offsets
+    for the 'prepended' bytes, miniz takes the end record's offset as it is."""
+    e_local, e_cd = _split(hostile)
+    b_local, b_cd = _split(benign)
+    if len(e_local) < len(b_local):
+        e_local += b"\0" * (len(b_local) - len(e_local))
+    s_e, s_b = sum(map(len, e_cd)), sum(map(len, b_cd))
+    size = max(s_e, s_b)
+    e_cd[-1] = _pad_comment(e_cd[-1], size - s_e)
+    b_cd[-1] = _pad_comment(b_cd[-1], size - s_b)
+    x_e = len(e_local)
+    p_b = x_e + size
+    concat = p_b + len(b_local) + size - size - x_e
+    for entry in b_cd:
+        (offset,) = struct.unpack("<I", entry[42:46])
+        struct.pack_into("<I", entry, 42, p_b + offset - concat)
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, len(e_cd), len(e_cd), size, x_e, 0)
+    return e_local + b"".join(map(bytes, e_cd)) + b_local + b"".join(map(bytes, b_cd)) + end

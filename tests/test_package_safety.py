@@ -12,6 +12,7 @@ import re
 import tracemalloc
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sympy
@@ -23,13 +24,16 @@ from package_tools import (
     edit_json,
     export_gated,
     gadget_bytes,
+    gated_modules,
     read_members,
     rewrite,
+    two_faced_zip,
     write_members,
+    zip_bytes,
 )
 from torch.export.pt2_archive._package import load_pt2
 
-from deq_server.core import CheckpointError, load_checkpoint
+from deq_server.core import CheckpointError, export_deq, load_checkpoint
 from deq_server.core._package import save_package
 from deq_server.core._package_scan import PackageRefusedError, check_expression
 
@@ -112,7 +116,7 @@ def test_pickle_gadget_in_the_sample_inputs_never_runs(package: Path, tmp_path: 
         m["data/sample_inputs/cell.pt"] = gadget_bytes(marker)
 
     bad = rewrite(package, tmp_path / "bad.pt2", edit, reseal=False)
-    refused(bad, "torch could not read")
+    load_checkpoint(bad)  # sample inputs are never read: torch gets them empty
     assert not marker.exists()
     # control: torch falls back to full unpickling when weights-only refuses (and may fail after)
     with contextlib.suppress(Exception):
@@ -321,3 +325,142 @@ def test_torch_stores_package_members_uncompressed(package: Path) -> None:
     """The scan refuses compressed members; torch must keep writing them stored."""
     with zipfile.ZipFile(package) as zf:
         assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_STORED}
+
+
+# --- found by the hostile review: names, two-faced archives, impure or unbounded graphs ------
+
+
+def test_a_name_that_is_python_code_is_refused(package: Path, tmp_path: Path) -> None:
+    """torch.fx pastes names into the source it generates and runs: a placeholder named
+    `q=open(...)` would become a default argument, evaluated as the program is built."""
+    marker = tmp_path / "ran"
+    name = f"q=open({str(marker)!r}, 'w')"
+
+    def edit(m: Members) -> None:
+        def change(graph: dict) -> None:  # type: ignore[type-arg]
+            g = graph["graph_module"]["graph"]
+            g["inputs"].append({"as_tensor": {"name": name}})
+            g["tensor_values"][name] = next(iter(g["tensor_values"].values()))
+
+        edit_json(m, "models/head.json", change)
+
+    refused(rewrite(package, tmp_path / "bad.pt2", edit, reseal=False), "not a plain name")
+    assert not marker.exists()
+
+
+def test_a_weight_name_that_is_python_code_is_refused(package: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    fqn = f'weight") if open({str(marker)!r}, "w") else getattr(self, "weight'
+
+    def edit(m: Members) -> None:
+        def change(cfg: dict) -> None:  # type: ignore[type-arg]
+            first = next(iter(cfg["config"]))
+            cfg["config"][fqn] = cfg["config"].pop(first)
+
+        edit_json(m, "data/weights/head_weights_config.json", change)
+
+    refused(rewrite(package, tmp_path / "bad.pt2", edit, reseal=False), "not a plain name")
+    assert not marker.exists()
+
+
+def test_an_archive_with_two_faces_is_read_as_it_was_checked(package: Path, tmp_path: Path) -> None:
+    """zipfile sees the clean package, torch's own reader a hostile one: torch is handed the
+    archive rebuilt from what was checked, so the hostile face is never read."""
+    marker = tmp_path / "ran"
+    root, clean = read_members(package)
+    hostile = dict(clean)
+
+    def change(cfg: dict) -> None:  # type: ignore[type-arg]
+        entry = next(iter(cfg["config"].values()))
+        entry["path_name"], entry["use_pickle"] = "opaque_obj_0", True
+
+    edit_json(hostile, CONSTANTS_CFG, change)
+    hostile["data/constants/opaque_obj_0"] = gadget_bytes(marker)
+    bad = tmp_path / "two_faced.pt2"
+    bad.write_bytes(two_faced_zip(zip_bytes(root, hostile), zip_bytes(root, clean)))
+    with zipfile.ZipFile(bad) as zf:  # Python's reader sees the clean face
+        assert not any("opaque" in n for n in zf.namelist())
+    load_checkpoint(bad)
+    assert not marker.exists()
+    with contextlib.suppress(Exception):  # control: torch's reader, given the file, runs it
+        load_pt2(str(bad))
+    assert marker.exists()
+
+
+def _node_edit(program: str, change_node: Any) -> Any:
+    def edit(m: Members) -> None:
+        def change(graph: dict) -> None:  # type: ignore[type-arg]
+            change_node(graph["graph_module"]["graph"]["nodes"])
+
+        edit_json(m, f"models/{program}.json", change)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("target", "word"),
+    [
+        ("torch.ops.aten.from_file.default", "touches files"),
+        ("torch.ops.aten.add_.Tensor", "writes its argument"),
+        ("torch.ops.aten.copy_.default", "writes its argument"),
+        ("torch.ops.aten.no_such_op.default", "unknown operator"),
+        ("_operator.__builtins__.get", "calls"),
+    ],
+)
+def test_impure_or_unknown_operators_are_refused(
+    package: Path, tmp_path: Path, target: str, word: str
+) -> None:
+    def change(nodes: list) -> None:  # type: ignore[type-arg]
+        nodes[0]["target"] = target
+
+    refused(rewrite(package, tmp_path / "bad.pt2", _node_edit("head", change), reseal=False), word)
+
+
+def test_a_constant_size_beyond_the_cap_is_refused(package: Path, tmp_path: Path) -> None:
+    def change(nodes: list) -> None:  # type: ignore[type-arg]
+        nodes[0]["inputs"].append({"name": "size", "arg": {"as_ints": [2**28]}, "kind": 1})
+
+    bad = rewrite(package, tmp_path / "bad.pt2", _node_edit("head", change), reseal=False)
+    refused(bad, "size above")
+
+
+def test_a_power_in_a_shape_expression_is_refused() -> None:
+    with pytest.raises(PackageRefusedError, match="power"):
+        check_expression("Symbol('s31', positive=True, integer=True) + 0*10**10**7")
+    with pytest.raises(PackageRefusedError):
+        check_expression("s0 + " + "9" * 40)
+
+
+@pytest.mark.parametrize("where", ["inject", "head"])
+def test_rows_mixed_in_any_program_are_refused(tmp_path: Path, where: str) -> None:
+    class RowMean(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.inner(x)
+            return out + out.mean(dim=0, keepdim=True)
+
+    inject, cell, head = gated_modules()
+    inject, head = (RowMean(inject), head) if where == "inject" else (inject, RowMean(head))
+    with pytest.raises(ValueError, match=f"'{where}' mixes the rows"):
+        export_deq(
+            tmp_path / "m.pt2", inject=inject, cell=cell, head=head, example_input=torch.randn(4, 6)
+        )
+
+
+def test_a_package_without_parameters_is_refused_cleanly(tmp_path: Path) -> None:
+    class Broken(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :3] * 2.0
+
+    class Cell(torch.nn.Module):
+        def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(0.5 * z + u)
+
+    with pytest.raises(ValueError, match="no parameters"):
+        export_deq(
+            tmp_path / "free.pt2", inject=Broken(), cell=Cell(), head=Broken(),
+            example_input=torch.randn(2, 6),
+        )  # fmt: skip

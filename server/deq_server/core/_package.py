@@ -12,7 +12,6 @@ and fine-tuning work on them as on the built-in cells.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime as dt
 import inspect
@@ -20,8 +19,6 @@ import io
 import json
 import math
 import os
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +28,12 @@ from torch.export import Dim, ExportedProgram
 
 from ._files import atomic_write, checkpoint_digest
 from ._model import DEQModel
-from ._package_scan import PROGRAMS, PackageRefusedError, read_regular, scan_package
+from ._package_scan import PROGRAMS, PackageRefusedError, Scan, read_regular, scan_package
 
 ARCHITECTURE = "exported"
 FORMAT_VERSION = 1
 SHAPE_KEYS = ("input_shape", "inj_shape", "state_shape", "output_shape")
 MAX_SAMPLE_ELEMENTS = 1 << 24  # per-sample state/input/output size; the batch multiplies it
-_FORCE_WEIGHTS_ONLY = threading.Lock()
 
 
 class PackageError(ValueError):
@@ -171,22 +167,6 @@ def _digest(
     )
 
 
-@contextlib.contextmanager
-def _weights_only_unpickling() -> Iterator[None]:
-    """Force every torch.load inside torch's package reader to weights-only (it would otherwise
-    fall back to full unpickling of the sample inputs when weights-only fails)."""
-    with _FORCE_WEIGHTS_ONLY:
-        old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-            else:
-                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
-
-
 def _shapes(config: dict[str, Any]) -> dict[str, list[int]]:
     shapes = {}
     for key in SHAPE_KEYS:
@@ -207,31 +187,42 @@ def _shapes(config: dict[str, Any]) -> dict[str, list[int]]:
 
 
 def _shape_check(name: str, out: object, shape: tuple[int, ...]) -> Tensor:
-    if not isinstance(out, Tensor) or tuple(out.shape) != (2, *shape):
+    if not isinstance(out, Tensor) or tuple(out.shape) != (3, *shape):
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise PackageError(f"program {name!r} returns {got} for 2 rows; metadata says {shape}")
+        raise PackageError(f"program {name!r} returns {got} for 3 rows; metadata says {shape}")
     return out
 
 
+def _rows_independent(name: str, run: Any, *args: Tensor) -> Tensor:
+    """`run` on three rows, checked equal to `run` on each row alone (the solver and the
+    scheduler evaluate any subset of a batch, so no program may mix rows)."""
+    together = run(*args)
+    alone = torch.cat([run(*(a[i : i + 1] for a in args)) for i in range(args[0].shape[0])])
+    if not torch.allclose(together, alone, rtol=1e-4, atol=1e-5):
+        raise PackageError(f"program {name!r} mixes the rows of a batch (batch statistics?)")
+    return together
+
+
 def probe(model: DEQModel) -> None:
-    """Run an exported model's programs once on two rows, on its device and in its dtype:
-    shapes as the metadata says, and rows independent (the solver evaluates any subset of a
-    batch). Raises PackageError naming what disagrees."""
+    """Run an exported model's programs on one and on three rows, on its device and in its
+    dtype: shapes as the metadata says, and rows independent in all three programs. Raises
+    PackageError naming what disagrees."""
     ref = next(iter(model.parameters()), None)
     dtype = ref.dtype if ref is not None else torch.float32
     device = ref.device if ref is not None else torch.device("cpu")
     layer = model.layer
     assert isinstance(layer, ExportedLayer)
     gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.rand(*shape, generator=gen, dtype=dtype).to(device)
+
     with torch.no_grad():
-        x = torch.rand(2, *model.input_shape, generator=gen, dtype=dtype).to(device)
-        u = _shape_check("inject", model.inject(x), layer.inj_shape)
-        z = torch.rand(2, *model.state_shape, generator=gen, dtype=dtype).to(device)
-        both = _shape_check("cell", model.cell(z, u), model.state_shape)
-        _shape_check("head", model.head(z), model.output_shape)
-        alone = torch.cat([model.cell(z[i : i + 1], u[i : i + 1]) for i in range(2)])
-        if not torch.allclose(both, alone, rtol=1e-4, atol=1e-5):
-            raise PackageError("program 'cell' mixes the rows of a batch (batch statistics?)")
+        x = rand(3, *model.input_shape)
+        u = _shape_check("inject", _rows_independent("inject", model.inject, x), layer.inj_shape)
+        z = rand(3, *model.state_shape)
+        _shape_check("cell", _rows_independent("cell", model.cell, z, u), model.state_shape)
+        _shape_check("head", _rows_independent("head", model.head, z), model.output_shape)
 
 
 def _model(programs: dict[str, ExportedProgram], config: dict[str, Any]) -> DEQModel:
@@ -240,6 +231,8 @@ def _model(programs: dict[str, ExportedProgram], config: dict[str, Any]) -> DEQM
         model = DEQModel(config, layer=ExportedLayer(programs, shapes))
     except (TypeError, KeyError, ValueError) as exc:
         raise PackageError(f"invalid model config: {exc}") from exc
+    if next(iter(model.parameters()), None) is None:  # the server reads dtype and device there
+        raise PackageError("the programs hold no parameters: nothing to serve or fine-tune")
     checked_probe(model)
     return model
 
@@ -251,11 +244,10 @@ def checked_probe(model: DEQModel) -> None:
     except PackageError:
         raise
     except Exception as exc:  # a program that fails on inputs of the declared shapes
-        ref = next(model.parameters())
         raise PackageError(
-            f"the programs do not run on the declared shapes ({ref.dtype} on {ref.device}): "
+            f"the programs do not run on the declared shapes: {type(exc).__name__}: "
             f"{str(exc)[:300]}"
-        ) from exc
+        ) from None
 
 
 def load_package(path: Path, *, max_bytes: int, parse_meta: Any) -> DEQModel:
@@ -275,10 +267,20 @@ def load_package(path: Path, *, max_bytes: int, parse_meta: Any) -> DEQModel:
     from torch.export.pt2_archive._package import load_pt2
 
     try:
-        with _weights_only_unpickling():
-            contents = load_pt2(io.BytesIO(data))
+        contents = load_pt2(io.BytesIO(scan.canonical))
     except Exception as exc:  # torch's reader raises many kinds; each means "refused"
-        raise PackageError(f"torch could not read the programs: {str(exc)[:300]}") from exc
+        raise PackageError(f"torch could not read the programs: {str(exc)[:300]}") from None
+    try:
+        return _checked_model(path, contents, scan, config, meta)
+    except PackageError:
+        raise
+    except Exception as exc:  # whatever else a crafted file provokes: refused, never a crash
+        raise PackageError(f"refused: {type(exc).__name__}: {str(exc)[:300]}") from None
+
+
+def _checked_model(
+    path: Path, contents: Any, scan: Scan, config: dict[str, Any], meta: dict[str, str]
+) -> DEQModel:
     programs = contents.exported_programs
     if set(programs) != set(PROGRAMS) or contents.aoti_runners:
         raise PackageError(f"expected the programs {list(PROGRAMS)}, got {sorted(programs)}")

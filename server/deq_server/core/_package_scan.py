@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import keyword
 import math
 import os
 import re
@@ -30,6 +31,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 PROGRAMS = ("inject", "cell", "head")
 METADATA_MEMBER = "extra/deq.json"
@@ -51,21 +54,41 @@ _PROGRAM_MEMBER = re.compile(
     r"|data/constants/(?P<const>tensor_\d+))$"
 )
 _COMPILED = re.compile(r"(\.(so|dll|dylib|pyd|o|a|cubin|ptx|fatbin|hsaco|py|pyc)$|aotinductor/)")
-# Operator namespaces of PyTorch itself; `_operator` holds getitem and shape arithmetic.
-_OP_PREFIXES = ("torch.ops.aten.", "torch.ops.prims.", "_operator.")
-_OP_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
+# Operators: PyTorch's own (aten, prims), resolved to their schemas; none that writes its
+# inputs (a program must be a pure function of them: a mutated constant makes answers depend
+# on earlier requests) or touches files; `_operator` only for getitem and shape arithmetic.
+_OP = re.compile(r"^torch\.ops\.(aten|prims)\.(_{0,2}[a-z][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)$")
+_PY_OPS = {
+    "getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "eq", "ne", "lt",
+    "le", "gt", "ge", "and_", "or_", "not_",
+}  # fmt: skip
+_DENIED_OPS = {"from_file", "_from_file", "save", "load"}
+_MUTATION_ALLOWED = {"detach_"}  # how export marks a lifted constant's fresh copy
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME_KEYS = {
+    "name", "arg_name", "parameter_name", "buffer_name", "tensor_constant_name",
+    "custom_obj_name", "input_name", "output_name", "target_name",
+}  # fmt: skip
+_NAMED_MAPS = {
+    "tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values",
+    "custom_obj_values",
+}  # fmt: skip
+MAX_NODES = 20_000
+MAX_LIST_ELEMENTS = 1 << 26  # an int list argument (a size) may ask for at most this many
 # Shape expressions: numbers, shape symbols (s0, u3, ...), arithmetic and a few sympy functions.
 # Shape expressions (sympy's srepr form: Symbol('s0', positive=True, integer=True), Add(...)):
 # numbers, quoted symbol names, a few sympy names and keyword flags, operators and parentheses.
+# Numbers have at most 19 digits and there is no power: `0*10**10**7` would keep sympy busy
+# for seconds, `10**10**9` for hours.
 _EXPR_TOKEN = re.compile(
-    r"\s*(?:(\d+(?:\.\d+)?(?:e[+-]?\d+)?)|'([a-z]{1,4}\d+)'|([A-Za-z]\w*)"
-    r"|(\*\*|//|[-+*/%(),<>=!]=?))"
+    r"\s*(?:(\d{1,19}(?:\.\d{1,19})?(?:e[+-]?\d{1,3})?(?!\d))|'([a-z]{1,4}\d+)'|([A-Za-z]\w*)"
+    r"|(//|[-+*/%(),<>=!]=?))"
 )
 _EXPR_NAMES = {
-    "Symbol", "Integer", "Float", "Rational", "Add", "Mul", "Pow", "Max", "Min", "Eq", "Ne",
+    "Symbol", "Integer", "Float", "Rational", "Add", "Mul", "Max", "Min", "Eq", "Ne",
     "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "Mod", "FloorDiv", "CeilToInt", "PythonMod",
-    "ModularIndexing", "CleanDiv", "IntTrueDiv", "FloatTrueDiv", "PowByNatural", "TruncToInt",
-    "ToFloat", "Identity", "oo", "True", "False", "positive", "negative", "nonnegative",
+    "ModularIndexing", "CleanDiv", "IntTrueDiv", "FloatTrueDiv", "TruncToInt", "ToFloat",
+    "Identity", "oo", "True", "False", "positive", "negative", "nonnegative",
     "nonpositive", "integer", "real", "finite", "infinite", "zero", "nonzero", "commutative",
     "even", "odd",
 }  # fmt: skip
@@ -83,11 +106,13 @@ class PackageRefusedError(ValueError):
 @dataclass
 class Scan:
     """What the scan learnt: the deq metadata (all strings), the bytes the programs' tensors
-    declare, and the sha256 of each program's serialized graph (covered by the package digest)."""
+    declare, the sha256 of each program's serialized graph (covered by the package digest),
+    and the archive rebuilt from the members checked (what torch then reads)."""
 
     metadata: dict[str, str]
     tensor_bytes: int
     graph_sha256: dict[str, str]
+    canonical: bytes
 
 
 def read_regular(path: Path, max_bytes: int) -> bytes:
@@ -175,6 +200,7 @@ def _tensor_entries(
         raise PackageRefusedError(f"{cfg}: no 'config' object")
     total = 0
     for fqn, meta in entries.items():
+        _check_name(cfg, fqn, dotted=True)
         if not isinstance(meta, dict):
             raise PackageRefusedError(f"{cfg}: entry {fqn!r} is not an object")
         if meta.get("use_pickle") is not False:
@@ -250,6 +276,8 @@ def check_expression(text: Any) -> None:
     evaluates it as Python, so names and calls are limited to a known few."""
     if not isinstance(text, str) or len(text) > 1000:
         raise PackageRefusedError(f"shape expression {str(text)[:80]!r} is not a short string")
+    if "**" in text:
+        raise PackageRefusedError(f"shape expression {text[:80]!r} raises to a power")
     pos = 0
     while pos < len(text):
         m = _EXPR_TOKEN.match(text, pos)
@@ -263,22 +291,86 @@ def check_expression(text: Any) -> None:
         pos = m.end()
 
 
+def _check_name(program: str, value: Any, dotted: bool = False) -> None:
+    """Names end up in Python source that torch.fx generates and runs: identifiers only."""
+    parts = value.split(".") if dotted and isinstance(value, str) else [value]
+    if not all(isinstance(p, str) and _NAME.match(p) and not keyword.iskeyword(p) for p in parts):
+        raise PackageRefusedError(f"program {program!r}: {str(value)[:80]!r} is not a plain name")
+
+
+def _check_operator(program: str, target: Any) -> None:
+    if isinstance(target, str) and target.startswith("_operator."):
+        if target.removeprefix("_operator.") not in _PY_OPS:
+            raise PackageRefusedError(f"program {program!r} calls {target[:80]!r}")
+        return
+    m = _OP.match(target) if isinstance(target, str) else None
+    if m is None:
+        raise PackageRefusedError(
+            f"program {program!r} calls operator {str(target)[:80]!r}, outside PyTorch's own "
+            "namespaces (aten, prims); custom operators are not served"
+        )
+    namespace, name, overload = m.groups()
+    if name in _DENIED_OPS:
+        raise PackageRefusedError(f"program {program!r} calls {target}, which touches files")
+    try:
+        schema = getattr(getattr(getattr(torch.ops, namespace), name), overload)._schema
+    except (AttributeError, RuntimeError):
+        raise PackageRefusedError(f"program {program!r} calls unknown operator {target}") from None
+    writes = [
+        a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write
+    ]
+    if writes and name not in _MUTATION_ALLOWED:
+        raise PackageRefusedError(
+            f"program {program!r} calls {target}, which writes its argument {writes[0]!r} in "
+            "place; programs must be pure functions of their inputs"
+        )
+
+
+def _check_argument(program: str, arg: Any) -> None:
+    if not isinstance(arg, dict):
+        return
+    for kind in ("as_graph", "as_operator"):
+        if kind in arg:
+            raise PackageRefusedError(f"program {program!r} passes a {kind[3:]} as an argument")
+    ints = arg.get("as_ints")
+    if not (isinstance(ints, list) and all(isinstance(n, int) for n in ints)):
+        return
+    if (
+        any(n > MAX_LIST_ELEMENTS for n in ints)
+        or math.prod(max(n, 1) for n in ints) > MAX_LIST_ELEMENTS
+    ):
+        raise PackageRefusedError(
+            f"program {program!r} asks for a size above {MAX_LIST_ELEMENTS} elements: {ints[:8]}"
+        )
+
+
 def check_graph(program: str, model: Any) -> None:
-    """Every operator of the program's graph in PyTorch's own namespaces, every expression
-    plain arithmetic."""
+    """Every operator of the program's graph one of PyTorch's own and pure, every name a plain
+    identifier, every expression plain arithmetic, every constant size bounded."""
     if not isinstance(model, dict) or not isinstance(model.get("graph_module"), dict):
         raise PackageRefusedError(f"models/{program}.json is not a serialized program")
+    nodes = 0
 
     def visit(node: dict[str, Any]) -> None:
+        nonlocal nodes
         if "target" in node and "inputs" in node and "outputs" in node:
-            target = node["target"]
-            if not isinstance(target, str) or not _OP_NAME.match(target):
-                raise PackageRefusedError(f"program {program!r}: malformed operator {target!r}")
-            if not target.startswith(_OP_PREFIXES):
-                raise PackageRefusedError(
-                    f"program {program!r} calls operator {target!r}, outside PyTorch's own "
-                    "namespaces (aten, prims); custom operators are not served"
-                )
+            nodes += 1
+            if nodes > MAX_NODES:
+                raise PackageRefusedError(f"program {program!r} has over {MAX_NODES} nodes")
+            _check_operator(program, node["target"])
+            for named in node["inputs"] if isinstance(node["inputs"], list) else []:
+                if isinstance(named, dict):
+                    _check_argument(program, named.get("arg"))
+        for key, value in node.items():
+            if (key in _NAME_KEYS and isinstance(value, str)) or (
+                key == "fqn" and isinstance(value, str) and value
+            ):
+                _check_name(program, value, dotted=True)
+            elif (key in _NAMED_MAPS and isinstance(value, dict)) or (
+                key == "forward_arg_names" and isinstance(value, list)
+            ):
+                for name in value:
+                    _check_name(program, name)
         if "expr_str" in node:
             check_expression(node["expr_str"])
 
@@ -308,7 +400,25 @@ def _scan(zf: zipfile.ZipFile, max_bytes: int) -> Scan:
         name = f"{root}/models/{program}.json"
         check_graph(program, _json(zf, name))
         graphs[program] = hashlib.sha256(zf.read(name)).hexdigest()
-    return Scan(metadata=meta, tensor_bytes=total, graph_sha256=graphs)
+    return Scan(
+        metadata=meta,
+        tensor_bytes=total,
+        graph_sha256=graphs,
+        canonical=_rebuild(zf, root, members),
+    )
+
+
+def _rebuild(zf: zipfile.ZipFile, root: str, members: dict[str, zipfile.ZipInfo]) -> bytes:
+    """The archive written anew from exactly the members read here, for torch to read: its zip
+    reader (miniz) and Python's can be made to see different members in one file (a second
+    central directory, prepended data). Sample inputs are left empty: never used, and they are a
+    pickle, and possibly a zip bomb, of their own."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as canonical:
+        for name, info in members.items():
+            data = b"" if name.startswith("data/sample_inputs/") else zf.read(info)
+            canonical.writestr(f"{root}/{name}", data)
+    return out.getvalue()
 
 
 def scan_package(data: bytes, max_bytes: int) -> Scan:

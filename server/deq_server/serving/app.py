@@ -176,6 +176,10 @@ class _JsonFormatter(logging.Formatter):
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
+    # Every torch.load in the server process is weights-only, whatever its caller asks (torch's
+    # package reader, for one, falls back to full unpickling); set once, before any thread.
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     handler = logging.StreamHandler(sys.stderr)
     if config.log_format == "json":
         handler.setFormatter(_JsonFormatter())

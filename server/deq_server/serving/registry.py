@@ -187,8 +187,13 @@ class Registry:
 
     def load_version(self, version: str, path: Path) -> ModelVersion:
         """Load a checkpoint as an eval-mode model on the serving device (not yet served)."""
-        model = load_checkpoint(path, max_bytes=self.max_model_bytes)
-        model = model.to(device=self.device, dtype=self.dtype).eval()
+        try:
+            model = load_checkpoint(path, max_bytes=self.max_model_bytes)
+            model = model.to(device=self.device, dtype=self.dtype).eval()
+        except (CheckpointError, OSError):
+            raise
+        except Exception as exc:  # anything else a crafted file provokes: refused, not a crash
+            raise CheckpointError(f"{path}: refused: {type(exc).__name__}: {exc}") from None
         if isinstance(model.layer, ExportedLayer):  # programs may hard-code a dtype or device
             try:
                 checked_probe(model)
