@@ -127,12 +127,17 @@ def pool_step_time(model: DEQModel, batch: int, repeat: int) -> float:
 
 
 def peak_load_rss(path: Path) -> float:
-    """MB of peak resident memory that loading `path` adds to a fresh process."""
+    """MB by which loading `path` raises a fresh process's peak resident memory above its
+    resident memory after the imports (the peak is reset first: /proc/self/clear_refs)."""
     code = (
-        "import resource, sys, deq_server.core as c; "
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        "c.load_checkpoint(sys.argv[1]); "
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)"
+        "import sys, deq_server.core as c\n"
+        "def kb(key):\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith(key): return int(line.split()[1])\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "base = kb('VmRSS:')\n"
+        "c.load_checkpoint(sys.argv[1])\n"
+        "print((kb('VmHWM:') - base) / 1024)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
@@ -218,9 +223,9 @@ def main() -> None:
         memory = load_memory(1024 if args.quick else 4096, Path(tmp))
     print(
         "| hidden | batch | cell built-in / exported (us) | ratio | solve (ms) | ratio | "
-        "pool step (us) | ratio | load .safetensors / .pt2 (ms) | peak RSS of loading (MB) |"
+        "pool step (us) | ratio | load .safetensors / .pt2 (ms) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['hidden']} | {r['batch']} | {r['cell_builtin_us']:.1f} / {r['cell_exported_us']:.1f} "

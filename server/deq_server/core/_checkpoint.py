@@ -269,6 +269,7 @@ def load_checkpoint(
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{p}: not a readable safetensors file: {str(exc)[:200]}") from None
+    del data  # the tensors hold copies: the file's bytes need not stay while the model is built
     if checkpoint_digest(tensors, meta) != meta["sha256"]:
         raise CheckpointError(f"{p}: weights or metadata do not match the sha256 (corrupted file)")
     model = build(tensors)

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,10 @@ class ExportedLayer(nn.Module):
         # (`input` -> `input_1`) without its signature, which torch then refuses.
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            new.__dict__[key] = value if key == "programs" else copy.deepcopy(value, memo)
+        with warnings.catch_warnings():  # torch's own pytree deprecation, raised by the copy
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            for key, value in self.__dict__.items():
+                new.__dict__[key] = value if key == "programs" else copy.deepcopy(value, memo)
         return new
 
     def train(self, mode: bool = True) -> ExportedLayer:
@@ -255,8 +258,7 @@ def load_package(path: Path, *, max_bytes: int, parse_meta: Any) -> DEQModel:
     checks the shared metadata keys and returns the config. Raises PackageError or
     PackageRefusedError naming the problem."""
     _require_torch_export()
-    data = read_regular(path, max_bytes)
-    scan = scan_package(data, max_bytes)
+    scan = scan_package(read_regular(path, max_bytes), max_bytes)  # the file's bytes freed here
     meta = scan.metadata
     config = parse_meta(path, meta)
     if config.get("cell") != ARCHITECTURE or meta["architecture"] != ARCHITECTURE:
