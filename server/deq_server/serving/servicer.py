@@ -92,7 +92,10 @@ async def bounded_messages(
     while True:
         left = end - time.monotonic()
         try:
-            message = await asyncio.wait_for(anext(iterator), min(idle, max(left, 0.0)))
+            # asyncio.timeout, not wait_for: wait_for (3.11) can swallow the RPC's cancellation
+            # when it races the stream's end, and a cut Train stream would then commit.
+            async with asyncio.timeout(min(idle, max(left, 0.0))):
+                message = await anext(iterator)
         except StopAsyncIteration:
             return
         except TimeoutError:
