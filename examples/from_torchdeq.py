@@ -316,6 +316,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--hidden", type=int, default=64, help="state width (default 64)")
     p.add_argument("--width", type=int, default=128, help="inner width of the update (128)")
+    return add_common_flags(p, NAME).parse_args()
+
+
+def add_common_flags(p: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """Training, comparison and serving flags both examples share."""
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--grad", choices=["ift", "phantom"], default="ift", help="torchdeq backward")
@@ -324,9 +329,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--model-dir", type=Path, default=None, help="where <name>.pt2 goes")
-    p.add_argument("--name", default=NAME, help=f"model name (default {NAME})")
+    p.add_argument("--name", default=name, help=f"model name (default {name})")
     p.add_argument("--serve", action="store_true", help="serve it and infer through the SDK")
-    return p.parse_args()
+    return p
 
 
 def main() -> None:
@@ -334,7 +339,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     split = load_split()
     modules = build_modules(args.hidden, args.width, args.seed)
+    run(modules, split, args, export, "examples/from_torchdeq.py")
 
+
+def run(modules: Any, split: Split, args: argparse.Namespace, export_to: Any, script: str) -> None:
+    """Train with torchdeq, export with `export_to(modules, path, example, metadata=)`, load the
+    package back and compare (both examples' main)."""
     start = time.perf_counter()
     losses = train(
         modules,
@@ -353,10 +363,20 @@ def main() -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / f"{args.name}.pt2"
     start = time.perf_counter()
-    export(modules, path, split.x_train[:8], metadata={"script": "examples/from_torchdeq.py"})
+    export_to(modules, path, split.x_train[:8], metadata={"script": script})
     loaded = load_checkpoint(path).eval()
-    print(f"exported {path} ({path.stat().st_size} bytes) in {time.perf_counter() - start:.1f} s")
+    print(
+        f"exported {path} ({path.stat().st_size} bytes, state {list(loaded.state_shape)}) "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+    compare(loaded, modules, split, args, model_dir)
 
+
+def compare(
+    loaded: DEQModel, modules: Any, split: Split, args: argparse.Namespace, model_dir: Path
+) -> None:
+    """Solve the held-out split with torchdeq, the loaded package and (--serve) a real server on
+    it; print convergence, the differences and the accuracies side by side."""
     opts = {"tol": args.tol, "max_iter": args.max_iter, "method": "anderson", "stop_mode": "rel"}
     reference, info = torchdeq_solve(modules, split.x_test, tol=args.tol, max_iter=args.max_iter)
     with torch.no_grad():

@@ -28,25 +28,14 @@ importable; tests/test_torchdeq_interop.py serves it and queries it with tritonc
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from from_torchdeq import (
-    DEQModules,
-    infer_served,
-    load_split,
-    report,
-    serving,
-    torchdeq_solve,
-    train,
-)
+from from_torchdeq import DEQModules, add_common_flags, load_split, run
 from torch import Tensor, nn
 
-from deq_server.core import DEQModel, export_deq, load_checkpoint
+from deq_server.core import DEQModel, export_deq
 
 NAME = "digits_mdeq"
 SOLVER = {"method": "anderson", "tol": 1e-4, "max_iter": 60, "stop_mode": "rel"}
@@ -169,17 +158,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--c1", type=int, default=8, help="channels of the 8x8 branch (default 8)")
     p.add_argument("--c2", type=int, default=16, help="channels of the 4x4 branch (default 16)")
     p.add_argument("--groups", type=int, default=4, help="GroupNorm groups (default 4)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--grad", choices=["ift", "phantom"], default="ift", help="torchdeq backward")
-    p.add_argument("--tol", type=float, default=1e-6, help="comparison solve tolerance (rel)")
-    p.add_argument("--max-iter", type=int, default=200, help="comparison solve iteration cap")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--model-dir", type=Path, default=None, help="where <name>.pt2 goes")
-    p.add_argument("--name", default=NAME, help=f"model name (default {NAME})")
-    p.add_argument("--serve", action="store_true", help="serve it and infer through the SDK")
-    return p.parse_args()
+    return add_common_flags(p, NAME).parse_args()
 
 
 def main() -> None:
@@ -187,53 +166,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     split = load_split((1, 8, 8))
     modules = build_modules(args.c1, args.c2, args.groups, args.seed)
-
-    start = time.perf_counter()
-    losses = train(
-        modules,
-        split.x_train,
-        split.y_train,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        grad=args.grad,
-        seed=args.seed,
-        log=True,
-    )
-    print(f"trained {len(losses)} steps with torchdeq in {time.perf_counter() - start:.1f} s")
-
-    model_dir = args.model_dir or Path(tempfile.mkdtemp(prefix="deq-models-"))
-    model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / f"{args.name}.pt2"
-    start = time.perf_counter()
-    export(modules, path, split.x_train[:8], metadata={"script": "examples/mdeq_conv.py"})
-    loaded = load_checkpoint(path).eval()
-    print(
-        f"exported {path} ({path.stat().st_size} bytes, state {list(loaded.state_shape)}) "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
-
-    opts = {"tol": args.tol, "max_iter": args.max_iter, "method": "anderson", "stop_mode": "rel"}
-    reference, info = torchdeq_solve(modules, split.x_test, tol=args.tol, max_iter=args.max_iter)
-    with torch.no_grad():
-        package, result = loaded(split.x_test, **opts)
-    outputs: dict[str, Tensor | np.ndarray] = {"load_checkpoint(.pt2)": package}
-    print(
-        f"torchdeq solve: rel residual max {float(info['rel_lowest'].max()):.1e}; package solve: "
-        f"{int(result.converged.sum())}/{len(result.converged)} converged, "
-        f"mean {float(result.iterations.double().mean()):.1f} iterations"
-    )
-    if args.serve:
-        with serving(model_dir, args.threads) as port:
-            served = infer_served(port, args.name, split.x_test, **opts)
-        print(
-            f"served by 127.0.0.1:{port} as {args.name} v{served.model_version}: "
-            f"{int(served.converged.sum())}/{len(served.status)} converged"
-        )
-        outputs[f"served v{served.model_version} (SDK)"] = served.output
-        gap = float(np.abs(served.output - package.numpy()).max())
-        print(f"served vs load_checkpoint(.pt2): max |diff| {gap:.2e}")
-    report(split, reference, outputs, "torchdeq (eager modules)")
+    run(modules, split, args, export, "examples/mdeq_conv.py")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ is wrong. No pickle ever runs: a `.pt` file is read only with `torch.load(weight
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import json
 import math
@@ -25,12 +24,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from ._files import atomic_write, checkpoint_digest
+from ._files import FORMAT_VERSION, atomic_write, checkpoint_digest, checkpoint_metadata
 from ._model import DEQModel
 from ._package import ExportedLayer, PackageError, load_package, save_package
 from ._package_scan import PackageRefusedError, read_regular
 
-FORMAT_VERSION = 1
 SUFFIXES = (".safetensors", ".pt2")
 # Checkpoint files above this size are refused before they are read (a server's
 # --max-model-bytes can set it lower or higher).
@@ -60,18 +58,7 @@ def save_checkpoint(
         raise ValueError(f"a built-in or registered cell saves as .safetensors, not {path}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config = model.config
-    meta = {
-        "deq_format_version": str(FORMAT_VERSION),
-        "config": json.dumps(config, sort_keys=True),
-        "architecture": str(config["cell"]),
-        "solver": json.dumps(config["solver"], sort_keys=True),
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "parent": parent,
-    }
-    for key, value in (metadata or {}).items():
-        if not isinstance(value, str):
-            raise TypeError(f"metadata[{key!r}] must be a str, got {type(value).__name__}")
-        meta[f"user.{key}"] = value
+    meta = checkpoint_metadata(config, str(config["cell"]), metadata, parent)
     meta["sha256"] = checkpoint_digest(tensors, meta)
     atomic_write(path, st_save(tensors, metadata=meta))
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,3 +61,25 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
             os.unlink(tmp)
         raise
     _fsync_dir(target.parent)
+
+
+FORMAT_VERSION = 1
+
+
+def checkpoint_metadata(
+    config: dict[str, Any], architecture: str, metadata: dict[str, str] | None, parent: str
+) -> dict[str, str]:
+    """The metadata both formats carry (all strings), before the digest is added."""
+    meta = {
+        "deq_format_version": str(FORMAT_VERSION),
+        "config": json.dumps(config, sort_keys=True),
+        "architecture": architecture,
+        "solver": json.dumps(config["solver"], sort_keys=True),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "parent": parent,
+    }
+    for key, value in (metadata or {}).items():
+        if not isinstance(value, str):
+            raise TypeError(f"metadata[{key!r}] must be a str, got {type(value).__name__}")
+        meta[f"user.{key}"] = value
+    return meta

@@ -13,7 +13,6 @@ and fine-tuning work on them as on the built-in cells.
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import inspect
 import io
 import json
@@ -27,12 +26,11 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 
-from ._files import atomic_write, checkpoint_digest
+from ._files import atomic_write, checkpoint_digest, checkpoint_metadata
 from ._model import DEQModel
 from ._package_scan import PROGRAMS, PackageRefusedError, Scan, read_regular, scan_package
 
 ARCHITECTURE = "exported"
-FORMAT_VERSION = 1
 SHAPE_KEYS = ("input_shape", "inj_shape", "state_shape", "output_shape")
 MAX_SAMPLE_ELEMENTS = 1 << 24  # per-sample state/input/output size; the batch multiplies it
 
@@ -313,18 +311,7 @@ def save_package(
         raise TypeError("save_package needs a model loaded from a .pt2 package or export_deq")
     programs = layer.current_programs()
     config = model.config
-    meta = {
-        "deq_format_version": str(FORMAT_VERSION),
-        "config": json.dumps(config, sort_keys=True),
-        "architecture": ARCHITECTURE,
-        "solver": json.dumps(config["solver"], sort_keys=True),
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "parent": parent,
-    }
-    for key, value in (metadata or {}).items():
-        if not isinstance(value, str):
-            raise TypeError(f"metadata[{key!r}] must be a str, got {type(value).__name__}")
-        meta[f"user.{key}"] = value
+    meta = checkpoint_metadata(config, ARCHITECTURE, metadata, parent)
 
     def pack(meta: dict[str, str]) -> bytes:
         buf = io.BytesIO()
