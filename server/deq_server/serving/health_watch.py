@@ -15,6 +15,8 @@ import grpc
 from grpc_health.v1 import health
 from grpc_health.v1 import health_pb2 as pb
 
+from .memory import release_free_memory_soon
+
 
 class BoundedHealthServicer(health.aio.HealthServicer):
     """grpc's asyncio health servicer, with at most `max_watchers` Watch streams at a time."""
@@ -36,3 +38,4 @@ class BoundedHealthServicer(health.aio.HealthServicer):
             await super().Watch(request, context)
         finally:
             self.watchers -= 1
+            release_free_memory_soon()
