@@ -10,8 +10,7 @@ python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 python -m pip install --quiet --disable-pip-version-check -e ".[server,dev,bench]"
 # A cell shipped as an installed package (tests/plugins/example_cells), registered through the
 # `deq_serve.cells` entry-point group, for the bring-your-own-cell tests.
-python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
-  ./tests/plugins/example_cells
+python -m pip install --quiet --disable-pip-version-check --no-deps ./tests/plugins/example_cells
 
 # buf (the proto linter) ships in the npm package @bufbuild/buf; kept out of the tree in .tools/.
 npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0 > /dev/null

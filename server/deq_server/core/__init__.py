@@ -4,24 +4,34 @@ Imports nothing from gRPC or Prometheus; the serving layer builds on these names
 """
 
 from ._cells import CELLS
-from ._checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ._checkpoint import (
+    CHECKPOINT_SUFFIXES,
+    DEFAULT_MAX_BYTES,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ._convert import mlp_to_deq
 from ._implicit import IFT, JFB, Backward, Phantom, make_backward
 from ._methods import METHODS
 from ._model import DEQModel, nonfinite_outputs
-from ._package import export_deq
+from ._package import ExportedLayer, PackageError, checked_probe, export_deq
 from ._slots import Retired, SlotPool, SlotStopHook
 from ._solve import Progress, SolveResult, StopHook, solve
 from ._status import Status
 
 __all__ = [
     "CELLS",
+    "CHECKPOINT_SUFFIXES",
+    "DEFAULT_MAX_BYTES",
     "IFT",
     "JFB",
     "METHODS",
     "Backward",
     "CheckpointError",
     "DEQModel",
+    "ExportedLayer",
+    "PackageError",
     "Phantom",
     "Progress",
     "Retired",
@@ -30,6 +40,7 @@ __all__ = [
     "SolveResult",
     "Status",
     "StopHook",
+    "checked_probe",
     "export_deq",
     "load_checkpoint",
     "make_backward",

@@ -29,7 +29,7 @@ from ._model import DEQModel
 from ._package import ExportedLayer, PackageError, load_package, save_package
 from ._package_scan import PackageRefusedError, read_regular
 
-SUFFIXES = (".safetensors", ".pt2")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt2")
 # Checkpoint files above this size are refused before they are read (a server's
 # --max-model-bytes can set it lower or higher).
 DEFAULT_MAX_BYTES = 4 << 30

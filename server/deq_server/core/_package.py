@@ -5,8 +5,8 @@ A package is a PT2 archive holding the programs `inject(x) -> u`, `cell(z, u) ->
 `extra/deq.json` the metadata a safetensors checkpoint carries (`config` with the shapes, solver
 and backward defaults, provenance, and a `sha256` over the weights, the graphs and the metadata).
 Loading runs nothing from the file: `_package_scan` refuses what torch would unpickle, exec or
-load as a library before torch sees the bytes, and torch then reads them with weights-only
-unpickling forced. The loaded programs are ordinary modules: solving, slots, implicit gradients
+load as a library before torch sees the bytes, and torch then reads the archive rebuilt from
+exactly the members checked (sample inputs emptied). The loaded programs are ordinary modules: solving, slots, implicit gradients
 and fine-tuning work on them as on the built-in cells.
 """
 

@@ -2,19 +2,24 @@
 
 torch's own loader is not safe on untrusted files: it unpickles weights and constants marked
 `use_pickle` with `weights_only=False`, `pickle.loads` opaque constants, loads compiled
-AOTInductor libraries, evaluates shape expressions with `sympy.sympify` (which is `eval`) and
-`exec`s guard code. So the archive is read here first with Python's `zipfile`, and refused unless:
+AOTInductor libraries, evaluates shape expressions with `sympy.sympify` (which is `eval`), pastes
+names into Python source that torch.fx generates and runs, and `exec`s guard code. So the
+archive is read here first with Python's `zipfile`, and refused unless:
 
 - it is a regular file within the size cap, every member stored uncompressed (as torch writes
   them), so the bytes on disk bound the bytes read: no zip bomb;
-- every member is one a deq-serve package needs (no compiled artefact, no pickle besides the
-  sample inputs, which are read only with `weights_only` forced);
+- every member is one a deq-serve package needs (no compiled artefact, no pickle; the sample
+  inputs, a pickle of their own, are emptied in the archive torch is given);
 - it holds exactly the three programs `inject`, `cell`, `head`, whose weights and constants are
   raw CPU tensors whose declared sizes match their records, within the byte cap in all;
-- every graph operator is in PyTorch's own namespaces, and every shape expression is arithmetic
-  on shape symbols (nothing `sympify` could turn into a call).
+- every graph operator is one of PyTorch's own and pure (writes none of its inputs, touches no
+  file), every name a plain identifier, every constant size and the node count bounded, and
+  every shape expression arithmetic on shape symbols (nothing `sympify` could turn into a call
+  or a huge number).
 
-The result is what the loader needs next: the parsed deq metadata and the total weight bytes.
+The result is what the loader needs next: the parsed metadata, the declared tensor bytes, the
+graphs' digests and the archive rebuilt from exactly the members checked (what torch reads:
+Python's zip reader and torch's can be made to see different members in one file).
 """
 
 from __future__ import annotations

@@ -20,9 +20,16 @@ from pathlib import Path
 
 import torch
 
-from deq_server.core import DEQModel, load_checkpoint
-from deq_server.core._checkpoint import DEFAULT_MAX_BYTES, SUFFIXES, CheckpointError
-from deq_server.core._package import ExportedLayer, PackageError, checked_probe
+from deq_server.core import (
+    CHECKPOINT_SUFFIXES,
+    DEFAULT_MAX_BYTES,
+    CheckpointError,
+    DEQModel,
+    ExportedLayer,
+    PackageError,
+    checked_probe,
+    load_checkpoint,
+)
 from deq_server.models import bundled_checkpoints
 
 from .errors import NotFoundError, invalid
@@ -86,7 +93,7 @@ def discover(model_dir: Path | None) -> dict[str, dict[str, Path]]:
         found[name][version] = path
 
     for path in sorted(model_dir.iterdir()):
-        if path.suffix in SUFFIXES:
+        if path.suffix in CHECKPOINT_SUFFIXES:
             note(path.stem, "1", path)
     for folder in sorted(p for p in model_dir.iterdir() if p.is_dir()):
         if not folder.resolve().is_relative_to(root):

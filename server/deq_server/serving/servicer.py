@@ -286,9 +286,10 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
             try:
                 response = await self.infer_counted(item.request, context.time_remaining())
                 message = pb.InferStreamResponse(request_id=item.request_id, response=response)
-                if message.ByteSize() > limit:  # sending it would end the whole stream
+                size = message.ByteSize()
+                if size > limit:  # sending it would end the whole stream
                     raise ResourceExhaustedError(
-                        f"the answer takes {message.ByteSize()} bytes, above the server's "
+                        f"the answer takes {size} bytes, above the server's "
                         f"--max-message-bytes {limit}; ask for fewer samples or no state"
                     )
             except Exception as exc:

@@ -28,9 +28,16 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
-from deq_server.core import IFT, JFB, Backward, DEQModel, Phantom, save_checkpoint
-from deq_server.core._checkpoint import SUFFIXES
-from deq_server.core._package import ExportedLayer
+from deq_server.core import (
+    CHECKPOINT_SUFFIXES,
+    IFT,
+    JFB,
+    Backward,
+    DEQModel,
+    ExportedLayer,
+    Phantom,
+    save_checkpoint,
+)
 
 from . import tensors, validate
 from .config import ServerConfig
@@ -83,7 +90,7 @@ def confined_path(model_dir: Path | None, relative: str) -> Path:
             "a relative path (up to 1024 characters) inside the model directory",
             repr(relative[:80]),
         )
-    if ".." in Path(relative).parts or not relative.endswith(SUFFIXES):
+    if ".." in Path(relative).parts or not relative.endswith(CHECKPOINT_SUFFIXES):
         raise invalid(
             "path",
             "a .safetensors or .pt2 file inside the model directory (no '..')",
