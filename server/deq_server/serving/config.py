@@ -29,6 +29,7 @@ class ServerConfig:
     train_idle_seconds: float = 300.0
     stream_idle_seconds: float = 300.0
     max_watch_streams: int = 16
+    max_infer_streams: int = 0
     max_streams_per_connection: int = 100
     connection_idle_seconds: float = 600.0
     train_max_seconds: float = 3600.0
@@ -63,6 +64,7 @@ _HELP = {
     "train_idle_seconds": "a Train stream silent this long is closed (DEADLINE_EXCEEDED, nothing published)",
     "stream_idle_seconds": "an InferStream with no new request this long is closed (DEADLINE_EXCEEDED; answers in flight are sent first)",
     "max_watch_streams": "health Watch streams open at once (open to everyone, so capped: RESOURCE_EXHAUSTED past it)",
+    "max_infer_streams": "InferStreams open at once, over all clients (RESOURCE_EXHAUSTED past it; 0: half of --max-concurrent-rpcs, or 1024 without that limit)",
     "max_streams_per_connection": "concurrent RPCs one HTTP/2 connection may open (gRPC's max_concurrent_streams)",
     "connection_idle_seconds": "a connection with no RPC in flight this long is closed (GOAWAY)",
     "train_max_seconds": "longest a Train stream may take to send its messages, from its first (then closed, nothing published)",
@@ -130,4 +132,21 @@ def parse_config(
     ):
         if not 0 < getattr(args, name) < float("inf"):
             parser.error(f"--{name.replace('_', '-')} must be a finite number of seconds > 0")
+    if args.max_infer_streams < 0:
+        parser.error("--max-infer-streams must be 0 (automatic) or more")
+    if 0 < args.max_concurrent_rpcs <= args.max_infer_streams:
+        parser.error(
+            "--max-infer-streams must be below --max-concurrent-rpcs, or InferStreams "
+            "alone could hold every RPC slot"
+        )
     return ServerConfig(**vars(args))
+
+
+def infer_stream_cap(config: ServerConfig) -> int:
+    """InferStreams allowed open at once: --max-infer-streams, or when 0, half the RPC slots
+    (the other half stays free for unary calls, Train and health) or 1024 without a limit."""
+    if config.max_infer_streams:
+        return config.max_infer_streams
+    if config.max_concurrent_rpcs:
+        return max(1, config.max_concurrent_rpcs // 2)
+    return 1024
