@@ -6,6 +6,7 @@ flood.)"""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import threading
 from collections.abc import Iterator
@@ -131,3 +132,98 @@ def test_one_connection_holds_at_most_its_stream_cap(model_dir: Path) -> None:
                 release.set()
             for stream in streams:
                 stream.cancel()
+
+
+def test_half_open_infer_streams_leave_room_for_unary_calls(model_dir: Path) -> None:
+    """With 24 RPC slots, InferStreams may hold at most half of them (--max-infer-streams 0,
+    automatic): of 30 authenticated streams that send one request and go quiet, 12 are held and
+    18 refused, and unary Infer is still answered. Once they close, a new stream is admitted."""
+    releases = [threading.Event() for _ in range(30)]
+    with (
+        running_server(model_dir=model_dir, admin_tokens=TOKEN, max_concurrent_rpcs=24) as server,
+        channel_to(server) as channel,
+    ):
+        stub = deq_pb2_grpc.DEQServiceStub(channel)
+        held: list[Any] = []
+        refusals: list[tuple[grpc.StatusCode, str]] = []
+        try:
+            for release in releases:
+                stream = stub.InferStream(
+                    one_request_then_quiet(release), metadata=AUTH, timeout=60
+                )
+                try:
+                    assert next(stream).request_id == "only"
+                except grpc.RpcError as exc:
+                    refusals.append((exc.code(), exc.details() or ""))
+                    continue
+                held.append(stream)
+            assert (len(held), len(refusals)) == (12, 18)
+            assert {code for code, _ in refusals} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert all("--max-infer-streams" in text for _, text in refusals)
+            for _ in range(5):
+                answer = stub.Infer(infer_request(), metadata=AUTH, timeout=30)
+                assert list(answer.status) == [pb.SAMPLE_STATUS_CONVERGED]
+        finally:
+            for release in releases:
+                release.set()
+            for stream in held:
+                stream.cancel()
+        release = threading.Event()
+        again = stub.InferStream(one_request_then_quiet(release), metadata=AUTH, timeout=60)
+        try:
+            assert next(again).request_id == "only"
+        finally:
+            release.set()
+            again.cancel()
+
+
+def stream_request(i: int) -> pb.InferStreamRequest:
+    request = infer_request(batch=64)
+    request.return_state = True  # about 17 KB an answer: flow control soon holds them back
+    request.solver.max_iter = 1
+    return pb.InferStreamRequest(request_id=str(i), request=request)
+
+
+async def stop_reading_then_probe(port: int) -> list[str]:
+    """Read one answer of a stream, then keep sending without reading; meanwhile open second
+    streams (--max-infer-streams 1) until one is admitted. What each attempt got, in order."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = deq_pb2_grpc.DEQServiceStub(channel)
+        silent = stub.InferStream(timeout=120)
+        await silent.write(stream_request(0))
+        assert (await silent.read()).request_id == "0"
+
+        async def send() -> None:
+            for i in range(1, 1500):  # flow control soon blocks these writes for good
+                await silent.write(stream_request(i))
+
+        sender = asyncio.create_task(send())
+        outcomes: list[str] = []
+        try:
+            for _ in range(2000):  # bounded: each refused attempt is answered at once
+                # A probe sends nothing (a write racing a refusal fails on the client's side):
+                # refused at once, or admitted and closed as idle after --stream-idle-seconds.
+                probe = stub.InferStream(timeout=30)
+                code = await probe.code()
+                outcomes.append(code.name)
+                if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    assert "--stream-idle-seconds" in await probe.details()
+                    break
+                await asyncio.sleep(0.05)  # pacing between retries, not synchronisation
+        finally:
+            sender.cancel()
+            silent.cancel()
+        return outcomes
+
+
+def test_an_infer_stream_whose_client_stops_reading_gives_up_its_slot(model_dir: Path) -> None:
+    """A client that keeps sending but reads nothing: once no answer could be written for
+    --stream-idle-seconds, the server's handler ends and its stream slot is free again (gRPC's
+    transport keeps the stream itself until the client's deadline or disconnection)."""
+    with running_server(
+        model_dir=model_dir, stream_idle_seconds=2.0, max_infer_streams=1
+    ) as server:
+        outcomes = asyncio.run(stop_reading_then_probe(server.port))
+    assert outcomes[0] == "RESOURCE_EXHAUSTED"  # the silent stream held the only slot
+    assert outcomes[-1] == "DEADLINE_EXCEEDED"  # admitted, then closed for sending nothing
+    assert set(outcomes[:-1]) == {"RESOURCE_EXHAUSTED"}

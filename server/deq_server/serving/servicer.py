@@ -22,7 +22,7 @@ from deq_client.pb.deq.v1 import deq_pb2_grpc
 from deq_server.core import CheckpointError, Status
 
 from . import tensors, validate
-from .config import ServerConfig
+from .config import ServerConfig, infer_stream_cap
 from .errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -31,6 +31,7 @@ from .errors import (
     invalid,
     status_of,
     streaming,
+    streaming_writes,
     unary,
 )
 from .memory import release_free_memory_soon
@@ -160,6 +161,8 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         self.scheduler = scheduler
         self.metrics = metrics
         self.config = config
+        self.stream_cap = infer_stream_cap(config)
+        self.open_streams = 0
 
     async def infer(
         self, request: pb.InferRequest, time_remaining: float | None
@@ -260,19 +263,37 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
     ) -> pb.InferResponse:
         return await self.infer_counted(request, context.time_remaining())
 
-    @streaming
+    @streaming_writes
     async def InferStream(
         self,
         request_iterator: AsyncIterator[pb.InferStreamRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.InferStreamResponse]:
+    ) -> None:
         """Requests are solved concurrently (up to STREAM_WINDOW at a time); each response carries
-        its request id."""
+        its request id. At most `stream_cap` streams are open at once, so that streams (which
+        any client can hold open) never take every RPC slot from unary calls."""
+        if self.open_streams >= self.stream_cap:
+            raise ResourceExhaustedError(
+                f"{self.open_streams} InferStreams are open (--max-infer-streams "
+                f"{self.stream_cap}); use Infer, or retry later"
+            )
+        self.open_streams += 1
+        try:
+            await self._infer_stream(request_iterator, context)
+        finally:
+            self.open_streams -= 1
+
+    async def _infer_stream(
+        self,
+        request_iterator: AsyncIterator[pb.InferStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
         done: asyncio.Queue[pb.InferStreamResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
         window = asyncio.Semaphore(STREAM_WINDOW)
 
         limit = self.config.max_message_bytes
+        idle = self.config.stream_idle_seconds
 
         async def answer(item: pb.InferStreamRequest | Undecodable) -> None:
             if isinstance(item, Undecodable):
@@ -302,7 +323,7 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         async def read() -> None:
             messages = bounded_messages(
                 request_iterator,
-                self.config.stream_idle_seconds,
+                idle,
                 float("inf"),
                 ("--stream-idle-seconds", ""),
                 "closed once the answers in flight were sent",
@@ -322,7 +343,13 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         try:
             while (message := await done.get()) is not None:
                 window.release()
-                yield message
+                try:  # a client that reads nothing holds the answer back (flow control)
+                    async with asyncio.timeout(idle):
+                        await context.write(message)
+                except TimeoutError:
+                    raise DeadlineExceededError(
+                        f"no answer was read for {idle:g} s (--stream-idle-seconds)"
+                    ) from None
             await reader
         finally:
             reader.cancel()
