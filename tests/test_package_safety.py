@@ -464,3 +464,74 @@ def test_a_package_without_parameters_is_refused_cleanly(tmp_path: Path) -> None
             tmp_path / "free.pt2", inject=Broken(), cell=Cell(), head=Broken(),
             example_input=torch.randn(2, 6),
         )  # fmt: skip
+
+
+class _Costly(torch.nn.Module):
+    """The gated cell plus a term of zeros that costs what `make(z)` costs."""
+
+    def __init__(self, make: Any) -> None:
+        super().__init__()
+        self.inner = gated_modules()[1]
+        self.make = make
+
+    def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.inner(z, u) + self.make(z).sum() * 0.0
+
+
+def _export_costly(path: Path, make: Any) -> Path:
+    inject, _, head = gated_modules()
+    export_deq(path, inject=inject, cell=_Costly(make), head=head, example_input=torch.randn(4, 6))
+    return path
+
+
+def test_sizes_that_compose_into_a_memory_bomb_are_refused(tmp_path: Path) -> None:
+    """Two repeats by 1024 each pass the per-size cap; together they would take 34 GB at 1,024
+    rows (100 MB on the three rows of the probe). Refused from fake tensors, nothing allocated."""
+    path = _export_costly(tmp_path / "bomb.pt2", lambda z: z.repeat(1, 1024).repeat(1, 1024))
+    tracemalloc.start()
+    try:
+        refused(path, "'cell' at 1024 rows", "bytes")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20
+    assert load_checkpoint(path, max_rows=4, max_bytes=1 << 30)  # fine at a small batch
+
+
+def test_a_size_that_grows_faster_than_the_batch_is_refused(tmp_path: Path) -> None:
+    """n x n x n x 4096 zeros: harmless on the probe's three rows, 17 TB at 1,024."""
+
+    def cube(z: torch.Tensor) -> torch.Tensor:
+        n = z.shape[0]
+        return z.new_zeros(n, n, n, 4096)
+
+    refused(_export_costly(tmp_path / "cube.pt2", cube), "'cell' at 1024 rows", "bytes")
+
+
+def test_too_many_flops_are_refused(tmp_path: Path) -> None:
+    """An (n, n, 2**24) @ (2**24, 1) product of broadcast views (no memory): 3.5e13 FLOPs at
+    1,024 rows, 3e8 on the probe's three."""
+
+    def products(z: torch.Tensor) -> torch.Tensor:
+        n = z.shape[0]
+        a = z.new_ones(1, 1, 1).expand(n, n, 2**24)
+        return a @ z.new_ones(1, 1).expand(2**24, 1)
+
+    refused(_export_costly(tmp_path / "flops.pt2", products), "FLOPs")
+
+
+def test_sizes_that_depend_on_values_are_refused(tmp_path: Path) -> None:
+    path = _export_costly(tmp_path / "nonzero.pt2", lambda z: torch.nonzero(z > 0).float())
+    refused(path, "cannot be computed from the input shapes")
+
+
+def test_shape_arithmetic_that_can_shrink_is_refused(tmp_path: Path) -> None:
+    """With subtraction a size can be empty on the probe's rows and huge at other batches, and
+    checking the largest batch bounds the rest only if sizes grow with the batch: so only + and
+    * are admitted in shape arithmetic."""
+
+    def shrink(z: torch.Tensor) -> torch.Tensor:
+        return z.new_zeros((z.shape[0] - 1) * 1000, 1000)
+
+    with pytest.raises(PackageRefusedError, match=r"calls '_operator\.sub'"):  # the same scan loads
+        _export_costly(tmp_path / "sub.pt2", shrink)

@@ -7,6 +7,7 @@ from ._cells import CELLS
 from ._checkpoint import (
     CHECKPOINT_SUFFIXES,
     DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ROWS,
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
@@ -24,6 +25,7 @@ __all__ = [
     "CELLS",
     "CHECKPOINT_SUFFIXES",
     "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_ROWS",
     "IFT",
     "JFB",
     "METHODS",

@@ -33,6 +33,9 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt2")
 # Checkpoint files above this size are refused before they are read (a server's
 # --max-model-bytes can set it lower or higher).
 DEFAULT_MAX_BYTES = 4 << 30
+DEFAULT_MAX_ROWS = (
+    1024  # the largest batch a loaded package is checked for (the server passes its own)
+)
 _REQUIRED_KEYS = ("deq_format_version", "config", "architecture", "created_at", "sha256")
 
 
@@ -222,20 +225,23 @@ def load_checkpoint(
     *,
     config: dict[str, Any] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    max_rows: int = DEFAULT_MAX_ROWS,
 ) -> DEQModel:
     """Load and validate a checkpoint; `model.provenance` holds its metadata.
 
     `.safetensors` files carry their config (a built-in or registered cell); `.pt2` packages
     carry exported programs (see `export_deq`). A `.pt` file is a plain state dict (or a dict
     with "config" and "state_dict") read with `torch.load(weights_only=True)`; pass `config` when
-    the file holds none. Anything wrong raises `CheckpointError` naming the problem.
+    the file holds none. A package's programs must hold at most `max_bytes` at once when
+    called on `max_rows` rows (the largest batch the caller will give them). Anything wrong
+    raises `CheckpointError` naming the problem.
     """
     p = Path(path)
     if p.suffix == ".pt":
         return _load_pt(p, config, max_bytes)
     if p.suffix == ".pt2":
         try:
-            return load_package(p, max_bytes=max_bytes, parse_meta=_parse_meta)
+            return load_package(p, max_bytes=max_bytes, max_rows=max_rows, parse_meta=_parse_meta)
         except (PackageError, PackageRefusedError) as exc:
             raise CheckpointError(f"{p}: refused: {exc}") from None
     if p.suffix != ".safetensors":

@@ -7,7 +7,8 @@ and backward defaults, provenance, and a `sha256` over the weights, the graphs a
 Loading runs nothing from the file: `_package_scan` refuses what torch would unpickle, exec or
 load as a library before torch sees the bytes, and torch then reads the archive rebuilt from
 exactly the members checked (sample inputs emptied). The loaded programs are ordinary modules: solving, slots, implicit gradients
-and fine-tuning work on them as on the built-in cells.
+and fine-tuning work on them as on the built-in cells. Before they run on real data, they run
+on fake tensors at the largest batch (`_package_cost`): peak memory and FLOPs within caps.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch.export import Dim, ExportedProgram
 
 from ._files import atomic_write, checkpoint_digest, checkpoint_metadata
 from ._model import DEQModel
+from ._package_cost import CostError, measure
 from ._package_scan import PROGRAMS, PackageRefusedError, Scan, read_regular, scan_package
 
 ARCHITECTURE = "exported"
@@ -226,7 +228,14 @@ def probe(model: DEQModel) -> None:
         _shape_check("head", _rows_independent("head", model.head, z), model.output_shape)
 
 
-def _model(programs: dict[str, ExportedProgram], config: dict[str, Any]) -> DEQModel:
+def _model(
+    programs: dict[str, ExportedProgram],
+    config: dict[str, Any],
+    max_rows: int | None = None,
+    max_bytes: int = 0,
+) -> DEQModel:
+    """The programs as a checked DEQModel; with `max_rows` (loading), their costs at that
+    batch checked first."""
     shapes = _shapes(config)
     try:
         model = DEQModel(config, layer=ExportedLayer(programs, shapes))
@@ -234,8 +243,33 @@ def _model(programs: dict[str, ExportedProgram], config: dict[str, Any]) -> DEQM
         raise PackageError(f"invalid model config: {exc}") from exc
     if next(iter(model.parameters()), None) is None:  # the server reads dtype and device there
         raise PackageError("the programs hold no parameters: nothing to serve or fine-tune")
+    if max_rows is not None:
+        check_costs(model, max_rows, max_bytes)
     checked_probe(model)
     return model
+
+
+def check_costs(model: DEQModel, rows: int, max_bytes: int) -> None:
+    """Each program run on fake tensors of `rows` rows (nothing allocated): PackageError if one
+    would hold more than `max_bytes` at once or take too many FLOPs (see `_package_cost`)."""
+    layer = model.layer
+    assert isinstance(layer, ExportedLayer)
+    dtype = next(iter(model.parameters())).dtype
+    x_shape, u_shape, z_shape = layer.input_shape, layer.inj_shape, layer.state_shape
+
+    def empty(shape: tuple[int, ...]) -> Tensor:
+        return torch.empty(rows, *shape, dtype=dtype)
+
+    calls = {
+        "inject": (layer.inject_program, lambda: (empty(x_shape),)),
+        "cell": (layer.cell_program, lambda: (empty(z_shape), empty(u_shape))),
+        "head": (layer.head_program, lambda: (empty(z_shape),)),
+    }
+    for name, (module, inputs) in calls.items():
+        try:
+            measure(module, inputs, rows, max_bytes)
+        except CostError as exc:
+            raise PackageError(f"program {name!r} at {rows} rows: {exc}") from None
 
 
 def checked_probe(model: DEQModel) -> None:
@@ -251,10 +285,10 @@ def checked_probe(model: DEQModel) -> None:
         ) from None
 
 
-def load_package(path: Path, *, max_bytes: int, parse_meta: Any) -> DEQModel:
+def load_package(path: Path, *, max_bytes: int, max_rows: int, parse_meta: Any) -> DEQModel:
     """Load and validate a `.pt2` package (see the module docstring); `parse_meta(path, meta)`
-    checks the shared metadata keys and returns the config. Raises PackageError or
-    PackageRefusedError naming the problem."""
+    checks the shared metadata keys and returns the config; `max_rows` is the largest batch the
+    programs will be called on. Raises PackageError or PackageRefusedError naming the problem."""
     _require_torch_export()
     scan = scan_package(read_regular(path, max_bytes), max_bytes)  # the file's bytes freed here
     meta = scan.metadata
@@ -271,7 +305,7 @@ def load_package(path: Path, *, max_bytes: int, parse_meta: Any) -> DEQModel:
     except Exception as exc:  # torch's reader raises many kinds; each means "refused"
         raise PackageError(f"torch could not read the programs: {str(exc)[:300]}") from None
     try:
-        return _checked_model(path, contents, scan, config, meta)
+        return _checked_model(path, contents, scan, config, meta, max_rows, max_bytes)
     except PackageError:
         raise
     except Exception as exc:  # whatever else a crafted file provokes: refused, never a crash
@@ -279,7 +313,13 @@ def load_package(path: Path, *, max_bytes: int, parse_meta: Any) -> DEQModel:
 
 
 def _checked_model(
-    path: Path, contents: Any, scan: Scan, config: dict[str, Any], meta: dict[str, str]
+    path: Path,
+    contents: Any,
+    scan: Scan,
+    config: dict[str, Any],
+    meta: dict[str, str],
+    max_rows: int,
+    max_bytes: int,
 ) -> DEQModel:
     programs = contents.exported_programs
     if set(programs) != set(PROGRAMS) or contents.aoti_runners:
@@ -289,7 +329,7 @@ def _checked_model(
     for name, t in _flat_tensors(programs).items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise PackageError(f"tensor {name!r} holds non-finite values")
-    model = _model(programs, config)
+    model = _model(programs, config, max_rows, max_bytes)
     if "solver" in meta and meta["solver"] != json.dumps(model.config["solver"], sort_keys=True):
         raise PackageError("metadata 'solver' does not match the config's solver")
     model.provenance = {"path": str(path), **meta}

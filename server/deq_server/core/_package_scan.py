@@ -63,9 +63,10 @@ _COMPILED = re.compile(r"(\.(so|dll|dylib|pyd|o|a|cubin|ptx|fatbin|hsaco|py|pyc)
 # inputs (a program must be a pure function of them: a mutated constant makes answers depend
 # on earlier requests) or touches files; `_operator` only for getitem and shape arithmetic.
 _OP = re.compile(r"^torch\.ops\.(aten|prims)\.(_{0,2}[a-z][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)$")
+# Shape arithmetic only adds and multiplies, so that every size grows with the batch and the
+# cost check at the largest batch (`_package_cost`) bounds all smaller ones.
 _PY_OPS = {
-    "getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "eq", "ne", "lt",
-    "le", "gt", "ge", "and_", "or_", "not_",
+    "getitem", "add", "mul", "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_",
 }  # fmt: skip
 _DENIED_OPS = {"from_file", "_from_file", "save", "load"}
 _MUTATION_ALLOWED = {"detach_"}  # how export marks a lifted constant's fresh copy
@@ -91,13 +92,18 @@ _EXPR_TOKEN = re.compile(
 )
 _EXPR_NAMES = {
     "Symbol", "Integer", "Float", "Rational", "Add", "Mul", "Max", "Min", "Eq", "Ne",
-    "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "Mod", "FloorDiv", "CeilToInt", "PythonMod",
+    "Lt", "Le", "Gt", "Ge", "GreaterThan", "LessThan", "StrictGreaterThan", "StrictLessThan", "And", "Or", "Not", "Mod", "FloorDiv", "CeilToInt", "PythonMod",
     "ModularIndexing", "CleanDiv", "IntTrueDiv", "FloatTrueDiv", "TruncToInt", "ToFloat",
-    "Identity", "oo", "True", "False", "positive", "negative", "nonnegative",
+    "Identity", "Pow", "oo", "True", "False", "positive", "negative", "nonnegative",
     "nonpositive", "integer", "real", "finite", "infinite", "zero", "nonzero", "commutative",
     "even", "odd",
 }  # fmt: skip
 _SYMBOL = re.compile(r"^[a-z]{1,4}\d+$")
+# A power is harmless only as a symbol to a small integer (the stride of an n x n x k tensor).
+_SMALL_POW = re.compile(
+    r"Pow\(Symbol\('[a-z]{1,4}\d+'(?:, \w+=(?:True|False))*\), Integer\((\d{1,2})\)\)"
+)
+MAX_EXPONENT = 8
 # torch._export.serde.schema.ScalarType codes -> element size: bool, integer and float dtypes.
 _DTYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 2, 7: 4, 8: 8, 12: 1, 13: 2}
 MAX_MEMBERS = 4096
@@ -283,6 +289,12 @@ def check_expression(text: Any) -> None:
         raise PackageRefusedError(f"shape expression {str(text)[:80]!r} is not a short string")
     if "**" in text:
         raise PackageRefusedError(f"shape expression {text[:80]!r} raises to a power")
+    small_powers = [m for m in _SMALL_POW.finditer(text) if int(m.group(1)) <= MAX_EXPONENT]
+    if text.count("Pow(") != len(small_powers):
+        raise PackageRefusedError(
+            f"shape expression {text[:80]!r} has a power other than a shape symbol's "
+            f"(exponent at most {MAX_EXPONENT})"
+        )
     pos = 0
     while pos < len(text):
         m = _EXPR_TOKEN.match(text, pos)

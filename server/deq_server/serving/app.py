@@ -91,6 +91,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         getattr(torch, config.dtype),
         keep_versions=config.keep_versions,
         max_model_bytes=config.max_model_bytes,
+        max_rows=max(config.max_batch, config.max_batch_slots),  # the most a program is given
         max_iter_cap=config.max_iter_cap,
         min_tol=config.min_tol,
         on_evict=lambda name, version: metrics.model_info.remove(name, version, str(device)),

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, NoReturn
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ _HELP = {
     "connection_idle_seconds": "a connection with no RPC in flight this long is closed (GOAWAY)",
     "train_max_seconds": "longest a Train stream may take to send its messages, from its first (then closed, nothing published)",
     "keep_versions": "newest published versions of each model kept in memory (older: disk only)",
-    "max_model_bytes": "largest checkpoint file or package (and its tensors) read; larger ones are refused unread",
+    "max_model_bytes": "largest checkpoint file or package (and its tensors) read, larger ones refused unread; also the most memory one call of a package's programs may hold at the largest batch",
     "workers": "solver threads of the request scheduler (solver work never runs on the event loop)",
     "scheduler": "continuous (samples join and leave the solver batch every iteration) or request",
     "max_batch_slots": "solver slots per model version and method setting (continuous scheduler)",
@@ -86,52 +89,201 @@ _CHOICES = {
     "log_format": ["text", "json"],
     "scheduler": ["continuous", "request"],
 }
+_INT32_MAX = 2**31 - 1
+
+
+def _number(
+    kind: type, *, low: float, high: float = float("inf"), what: str = ""
+) -> Callable[[str], Any]:
+    """An argparse type: `kind` parsed from text, finite, within [low, high]."""
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            bound = f"at least {low:g}" if high == float("inf") else f"{low:g} to {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {what or noun} {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds > 0 (float('inf') and nan refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= _INT32_MAX / 1000):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number of seconds > 0 (at most {_INT32_MAX // 1000}), got {text!r}"
+        )
+    return value
+
+
+def _tolerance(text: str) -> float:
+    """A finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _address(text: str, *, optional: bool = False) -> str:
+    """HOST:PORT (IPv6 hosts in brackets), port 0 to 65535; empty only where `optional`."""
+    if optional and text == "":
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port 0-65535, got {text!r}")
+    return text
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def _flag(text: str) -> bool:
+    """A DEQ_* value of a boolean flag: 1/true/yes/on or 0/false/no/off (any case)."""
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false (1 or 0), got {text!r}")
+
+
+def _at_least(low: int, high: int | None = None) -> Callable[[str], Any]:
+    return _number(int, low=low, high=float("inf") if high is None else high)
+
+
+# How each field's text (flag or DEQ_* value alike) is parsed and range-checked; fields not named
+# here are plain text (str) or paths.
+_TYPES: dict[str, Callable[[str], Any]] = {
+    "address": _address,
+    "metrics_address": lambda text: _address(text, optional=True),
+    "device": _device,
+    "max_message_bytes": _at_least(1, _INT32_MAX),
+    "max_batch": _at_least(1),
+    "max_queue": _at_least(1),
+    "max_concurrent_rpcs": _at_least(0, _INT32_MAX),
+    "max_iter_cap": _at_least(1),
+    "min_tol": _tolerance,
+    "max_train_steps": _at_least(1),
+    "max_train_sessions": _at_least(1),
+    "train_idle_seconds": _seconds,
+    "stream_idle_seconds": _seconds,
+    "max_watch_streams": _at_least(1),
+    "max_infer_streams": _at_least(0, _INT32_MAX),
+    "max_streams_per_connection": _at_least(1, _INT32_MAX),
+    "connection_idle_seconds": _seconds,
+    "train_max_seconds": _seconds,
+    "keep_versions": _at_least(1),
+    "max_model_bytes": _at_least(1),
+    "workers": _at_least(1),
+    "max_batch_slots": _at_least(1),
+    "torch_threads": _at_least(0),
+    "grace_seconds": _number(float, low=0, what="a finite number of seconds"),
+}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with errors on one line (no usage block): `deq-server: error: ...`, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def env_name(field: str) -> str:
     return "DEQ_" + field.upper()
 
 
-def parse_config(
-    argv: Sequence[str] | None = None, env: dict[str, str] | None = None
-) -> ServerConfig:
-    """Flags win over DEQ_* environment variables, which win over the defaults."""
-    env = dict(os.environ if env is None else env)
+def _shown(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "off" if not value else "on"
+    return repr(value) if value == "" else str(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `deq-server` parser: every field a flag, its help naming the default and DEQ_* twin."""
     defaults = ServerConfig()
-    parser = argparse.ArgumentParser(prog="deq-server", description="Serve DEQ models over gRPC.")
+    parser = _OneLineParser(
+        prog="deq-server",
+        description="Serve DEQ models over gRPC. Every flag has a DEQ_* environment twin, "
+        "parsed and checked the same way; a flag wins over its variable.",
+    )
     for f in fields(ServerConfig):
         default = getattr(defaults, f.name)
-        kind = type(default) if default is not None else Path
-        raw = env.get(env_name(f.name))
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{_HELP[f.name]} (default: {_shown(default)}; env {env_name(f.name)})"
+        if isinstance(default, bool):
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=text,
+            )
+            continue
         parser.add_argument(
-            "--" + f.name.replace("_", "-"),
+            flag,
             dest=f.name,
-            type=kind,
-            default=kind(raw) if raw is not None else default,
+            type=_TYPES.get(f.name, str if isinstance(default, str) else Path),
+            default=argparse.SUPPRESS,  # unset flags fall back to DEQ_*, then the default
             choices=_CHOICES.get(f.name),
-            help=f"{_HELP[f.name]} (env {env_name(f.name)})",
+            help=text,
         )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _from_environment(parser: argparse.ArgumentParser, name: str, raw: str) -> object:
+    """A DEQ_* value through the flag's own type and choices (the same checks as the flag)."""
+    action = next(a for a in parser._actions if a.dest == name)
+    variable = env_name(name)
+    if isinstance(getattr(ServerConfig(), name), bool):
+        convert: Callable[[str], Any] = _flag
+    else:
+        convert = action.type if callable(action.type) else str
+    try:
+        value = convert(raw)
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+        parser.error(f"{variable}: {exc}")
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        parser.error(f"{variable}: invalid choice {raw!r} (choose from {choices})")
+    return value
+
+
+def parse_config(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """Flags win over DEQ_* environment variables, which win over the defaults; both go
+    through the same parsing and range checks, and any failure is parser.error (exit 2)."""
+    env = dict(os.environ if env is None else env)
+    defaults = ServerConfig()
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    for f in fields(ServerConfig):
+        if f.name in given:
+            values[f.name] = given[f.name]
+        elif (raw := env.get(env_name(f.name))) is not None:
+            values[f.name] = _from_environment(parser, f.name, raw)
+        else:
+            values[f.name] = getattr(defaults, f.name)
+    args = argparse.Namespace(**values)
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
-    for name in (
-        "max_train_steps",
-        "max_train_sessions",
-        "keep_versions",
-        "max_model_bytes",
-        "max_watch_streams",
-        "max_streams_per_connection",
-    ):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in (
-        "train_idle_seconds",
-        "train_max_seconds",
-        "stream_idle_seconds",
-        "connection_idle_seconds",
-    ):
-        if not 0 < getattr(args, name) < float("inf"):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number of seconds > 0")
     if args.max_infer_streams < 0:
         parser.error("--max-infer-streams must be 0 (automatic) or more")
     if 0 < args.max_concurrent_rpcs <= args.max_infer_streams:
@@ -139,7 +291,7 @@ def parse_config(
             "--max-infer-streams must be below --max-concurrent-rpcs, or InferStreams "
             "alone could hold every RPC slot"
         )
-    return ServerConfig(**vars(args))
+    return ServerConfig(**values)
 
 
 def infer_stream_cap(config: ServerConfig) -> int:

@@ -23,6 +23,7 @@ import torch
 from deq_server.core import (
     CHECKPOINT_SUFFIXES,
     DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ROWS,
     CheckpointError,
     DEQModel,
     ExportedLayer,
@@ -144,6 +145,7 @@ class Registry:
         keep_versions: int | None = None,
         on_evict: Callable[[str, str], None] | None = None,
         max_model_bytes: int = DEFAULT_MAX_BYTES,
+        max_rows: int = DEFAULT_MAX_ROWS,
         max_iter_cap: int | None = None,
         min_tol: float | None = None,
     ) -> None:
@@ -154,6 +156,7 @@ class Registry:
         self.keep_versions = keep_versions
         self.on_evict = on_evict
         self.max_model_bytes = max_model_bytes
+        self.max_rows = max_rows
         self.max_iter_cap = max_iter_cap
         self.min_tol = min_tol
         self.models: dict[str, ServedModel] = {}
@@ -195,7 +198,7 @@ class Registry:
     def load_version(self, version: str, path: Path) -> ModelVersion:
         """Load a checkpoint as an eval-mode model on the serving device (not yet served)."""
         try:
-            model = load_checkpoint(path, max_bytes=self.max_model_bytes)
+            model = load_checkpoint(path, max_bytes=self.max_model_bytes, max_rows=self.max_rows)
             model = model.to(device=self.device, dtype=self.dtype).eval()
         except (CheckpointError, OSError):
             raise
