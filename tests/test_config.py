@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from deq_server.serving.config import ServerConfig, env_name, parse_config
 
@@ -72,3 +77,150 @@ def test_memory_and_training_caps_have_environment_twins():
         10_000,
         4,
     )
+
+
+# Item 6 of issue 13: the configuration cannot lie. A DEQ_* value goes through the flag's own
+# parsing, choices and range checks; any refusal is one line on stderr and exit status 2.
+INT_FLOORS = {
+    "max_batch": 1,
+    "max_queue": 1,
+    "workers": 1,
+    "max_iter_cap": 1,
+    "max_batch_slots": 1,
+    "max_message_bytes": 1,
+    "keep_versions": 1,
+    "max_model_bytes": 1,
+    "max_train_steps": 1,
+    "max_train_sessions": 1,
+    "max_watch_streams": 1,
+    "max_streams_per_connection": 1,
+    "max_concurrent_rpcs": 0,
+    "max_infer_streams": 0,
+    "torch_threads": 0,
+}
+SECONDS = [
+    "train_idle_seconds",
+    "stream_idle_seconds",
+    "connection_idle_seconds",
+    "train_max_seconds",
+]
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def refusal(capsys, argv: list[str], env: dict[str, str]) -> str:
+    """The one line parse_config writes before exit 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(argv, env=env)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("deq-server: error: ")
+    return lines[0]
+
+
+def assert_refused_both_ways(capsys, name: str, text: str) -> None:
+    assert flag(name) in refusal(capsys, [flag(name), text], {})
+    assert env_name(name) in refusal(capsys, [], {env_name(name): text})
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(sorted(INT_FLOORS)), below=st.integers(min_value=1, max_value=2**70))
+def test_integers_below_their_floor_are_refused_as_flag_and_variable(capsys, name, below):
+    assert_refused_both_ways(capsys, name, str(INT_FLOORS[name] - below))
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    name=st.sampled_from(sorted(INT_FLOORS)),
+    text=st.text(min_size=1, max_size=8).filter(lambda t: not t.strip().lstrip("+-").isdigit()),
+)
+def test_text_that_is_no_integer_is_refused_as_flag_and_variable(capsys, name, text):
+    assume(not text.startswith("-"))  # argparse reads "-x" after a flag as another option
+    assume("\x00" not in text)
+    assert_refused_both_ways(capsys, name, text)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(sorted(INT_FLOORS)), value=st.integers(min_value=0, max_value=10**6))
+def test_a_flag_and_its_variable_parse_the_same_value_the_same_way(name, value):
+    value += INT_FLOORS[name]
+    from_flag = parse_config([flag(name), str(value)], env={})
+    from_env = parse_config([], env={env_name(name): str(value)})
+    assert from_flag == from_env
+    assert getattr(from_env, name) == value
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    name=st.sampled_from(["dtype", "scheduler", "log_format", "device"]),
+    text=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789:_", min_size=1, max_size=10),
+)
+def test_names_outside_the_choices_are_refused_as_flag_and_variable(capsys, name, text):
+    assume(text not in {"float32", "float64", "continuous", "request", "text", "json"})
+    assume(text not in {"auto", "cpu", "cuda"} and not text.removeprefix("cuda:").isdigit())
+    assert_refused_both_ways(capsys, name, text)
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    name=st.sampled_from([*SECONDS, "grace_seconds", "min_tol"]),
+    value=st.one_of(
+        st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+        st.floats(max_value=-1e-300, allow_nan=False, allow_infinity=False),
+    ),
+)
+def test_seconds_and_tolerances_must_be_finite_and_positive(capsys, name, value):
+    assert_refused_both_ways(capsys, name, repr(value))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DEQ_SCHEDULER", "bogus"),
+        ("DEQ_DTYPE", "int8"),
+        ("DEQ_MAX_BATCH", "abc"),
+        ("DEQ_ADDRESS", "no-port"),
+        ("DEQ_METRICS_ADDRESS", "host:99999"),
+        ("DEQ_LOG_FORMAT", "xml"),
+    ],
+)
+def test_the_environment_cases_of_the_issue_are_refused(capsys, variable, value):
+    assert variable in refusal(capsys, [], {variable: value})
+
+
+def test_zero_seconds_of_grace_and_an_empty_metrics_address_are_valid():
+    config = parse_config([], env={"DEQ_GRACE_SECONDS": "0", "DEQ_METRICS_ADDRESS": ""})
+    assert config.grace_seconds == 0.0
+    assert config.metrics_address == ""
+    assert parse_config([], env={"DEQ_TLS_CERT": "", "DEQ_MODEL_DIR": ""}) == ServerConfig()
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--help"], env={})
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = ServerConfig()
+    for f in fields(ServerConfig):
+        value = getattr(defaults, f.name)
+        shown = "none" if value is None else ("''" if value == "" else str(value))
+        assert f"(default: {shown}; env {env_name(f.name)})" in text, f.name
+
+
+def test_the_server_process_refuses_a_bad_variable_in_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "deq_server"],
+        env={**os.environ, "DEQ_MAX_BATCH": "abc", "DEQ_ADDRESS": "127.0.0.1:0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "deq-server: error: DEQ_MAX_BATCH: expected an integer, got 'abc' (see deq-server --help)"
+    ]

@@ -104,7 +104,7 @@ def _number(
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
         if not math.isfinite(value) or not low <= value <= high:
-            bound = f"at least {low:g}" if high == float("inf") else f"{low:g} to {high:g}"
+            bound = f"at least {low}" if high == float("inf") else f"{low} to {high}"
             raise argparse.ArgumentTypeError(f"must be {what or noun} {bound}, got {text!r}")
         return value
 
@@ -149,6 +149,11 @@ def _device(text: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
     return text
+
+
+def _path(text: str) -> Path | None:
+    """A path; empty text (DEQ_TLS_CERT= say) means none, as when unset."""
+    return Path(text) if text else None
 
 
 def _flag(text: str) -> bool:
@@ -238,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             flag,
             dest=f.name,
-            type=_TYPES.get(f.name, str if isinstance(default, str) else Path),
+            type=_TYPES.get(f.name, str if isinstance(default, str) else _path),
             default=argparse.SUPPRESS,  # unset flags fall back to DEQ_*, then the default
             choices=_CHOICES.get(f.name),
             help=text,
