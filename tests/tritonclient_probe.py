@@ -48,6 +48,10 @@ def main() -> None:
         )
         for half in half_inputs
     ]
+    # What a client without double parameters (KServe's) sends: the numbers as strings.
+    as_strings = client.infer(
+        "digits", [inp], parameters={"tol": "1e-6", "method": "picard", "max_iter": "200"}
+    )
     bad_shape = triton.InferInput("input", [1, 63], "FP32")
     bad_shape.set_data_from_numpy(np.zeros((1, 63), np.float32))
     good = triton.InferInput("input", [1, 64], "FP32")
@@ -66,6 +70,11 @@ def main() -> None:
         "iterations": result.as_numpy("iterations").tolist(),
         "status": result.as_numpy("status").tolist(),
         "residual": result.as_numpy("residual").tolist(),
+        "output_string_parameters": as_strings.as_numpy("output").tolist(),
+        "iterations_string_parameters": as_strings.as_numpy("iterations").tolist(),
+        "error_nan_tol": error_of(
+            lambda: client.infer("digits", [good], parameters={"tol": "nan"})
+        ),
         "error_bad_shape": error_of(lambda: client.infer("digits", [bad_shape])),
         "error_bad_parameter": error_of(
             lambda: client.infer("digits", [good], parameters={"solver": "fast"})

@@ -2,14 +2,17 @@
 
 ModelInfer is translated into a `deq.v1.InferRequest` and answered by `DEQServicer`, so both
 protocols share validation, scheduling and metrics. Solver options travel in the request
-`parameters` (tol, max_iter, method, stop_mode, allow_partial); besides `output`, the response
-carries per-sample `iterations` (INT64), `residual` (FP64) and `status` (INT32, the SampleStatus
-numbers) as extra outputs. Inputs (FP32, FP64, FP16 or BF16) may come as raw_input_contents, or
+`parameters` (tol, budget_ms, max_iter, method, stop_mode, allow_partial; tol and budget_ms as a
+double, an integer or a numeric string, since KServe's proto has no double); besides `output`, the
+response carries per-sample `iterations` (INT64), `residual` (FP64) and `status` (INT32, the
+SampleStatus numbers) as extra outputs. Inputs (FP32, FP64, FP16 or BF16) may come as raw_input_contents, or
 as typed contents for FP32 and FP64 (the protocol has none for the 16-bit types).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 import grpc
@@ -45,19 +48,49 @@ def _value(p: oip.InferParameter) -> Any:
     return None if kind is None else getattr(p, kind)
 
 
+# A decimal number as text: what a client without a double parameter (KServe's Python client, whose
+# proto has bool, int64 and string only) sends for tol or budget_ms. No nan, inf, hex or "1_000".
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,20}")
+
+
+def _finite_number(field: str, value: object) -> float:
+    """A float parameter from a double, an integer or a numeric string; finite, else refused."""
+    number: float | None = None
+    if isinstance(value, float):
+        number = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        number = float(value.strip())
+    if number is None or not math.isfinite(number):
+        raise invalid(field, "a finite number (a double, an integer or a numeric string)", value)
+    return number
+
+
+def _integer(value: object) -> int | None:
+    """An integer parameter from an int64/uint64 or a decimal string (None when neither)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        return int(value.strip())
+    return None
+
+
 def solver_from_parameters(params: Any) -> pb.SolverOptions:
     """SolverOptions from the request parameters; unknown keys are refused by name."""
     opts = pb.SolverOptions()
     for key, param in params.items():
         value = _value(param)
         if key == "tol":
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise invalid("parameters.tol", "a number", value)
-            opts.tol = float(value)
+            opts.tol = _finite_number("parameters.tol", value)
+        elif key == "budget_ms":
+            opts.budget_ms = _finite_number("parameters.budget_ms", value)
         elif key == "max_iter":
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < 2**32:
+            count = _integer(value)
+            if count is None or not 1 <= count < 2**32:
                 raise invalid("parameters.max_iter", "an integer in 1..2**32-1", value)
-            opts.max_iter = value
+            opts.max_iter = count
         elif key == "method":
             if value not in _METHOD_CODES:
                 raise invalid("parameters.method", f"one of {sorted(_METHOD_CODES)}", value)
@@ -72,7 +105,9 @@ def solver_from_parameters(params: Any) -> pb.SolverOptions:
             opts.allow_partial = value
         else:
             raise invalid(
-                f"parameters.{key}", "tol, max_iter, method, stop_mode or allow_partial", key
+                f"parameters.{key}",
+                "tol, budget_ms, max_iter, method, stop_mode or allow_partial",
+                key,
             )
     return opts
 
