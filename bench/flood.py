@@ -4,7 +4,8 @@ A deq-server subprocess (tokens configured, --max-concurrent-rpcs 256) serves `d
 script measures an authenticated client's sequential Infer latency (p50/p99) three times:
 unloaded; while a flood holds open as much as it can (token-less health Watch streams, token-less
 InferStreams, and authenticated InferStreams that never send a request, spread over many
-connections); and after the flood has closed. It also records the server's resident memory at
+connections, from a process of its own so that its client work does not slow the probe's); and
+after the flood has closed. It also records the server's resident memory at
 each point (/proc), so that memory held by the flood, and released after it, shows.
 
     python bench/flood.py [--watch N] [--tokenless N] [--half-open N] [--out PATH]
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -69,10 +71,10 @@ async def hold_watch(channel: grpc.aio.Channel, opened: list[str]) -> None:
     call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
     try:
         async for _ in call:
-            opened.append("watch")
+            opened.append("Watch open")
             await asyncio.Event().wait()  # held until cancelled
     except grpc.aio.AioRpcError as exc:
-        opened.append(exc.code().name)
+        opened.append(f"Watch {exc.code().name}")
 
 
 async def hold_stream(channel: grpc.aio.Channel, metadata: Any, opened: list[str]) -> None:
@@ -84,9 +86,44 @@ async def hold_stream(channel: grpc.aio.Channel, metadata: Any, opened: list[str
     try:
         async for _ in call:
             pass
-        opened.append("ended")
+        opened.append("InferStream ended")
     except grpc.aio.AioRpcError as exc:
-        opened.append(exc.code().name)
+        opened.append(f"InferStream {exc.code().name}")
+
+
+async def flood(target: str, args: argparse.Namespace, conn: Any) -> None:
+    """Open the flood, tell `conn` when it had time to, hold it until told to stop, then send
+    back what each attempt got."""
+    channels = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(args.connections)
+    ]
+    outcomes: list[str] = []
+    tasks = []
+    for i in range(args.watch):
+        tasks.append(asyncio.create_task(hold_watch(channels[i % len(channels)], outcomes)))
+    for i in range(args.tokenless):
+        ch = channels[i % len(channels)]
+        tasks.append(asyncio.create_task(hold_stream(ch, None, outcomes)))
+    for i in range(args.half_open):
+        ch = channels[i % len(channels)]
+        tasks.append(asyncio.create_task(hold_stream(ch, AUTH, outcomes)))
+    await asyncio.sleep(args.settle)  # let the flood open what it can (load, not a check)
+    conn.send(len(outcomes))
+    await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+    held = {k: outcomes.count(k) for k in sorted(set(outcomes))}
+    ended = sum(v for k, v in held.items() if k.startswith("InferStream"))
+    held["InferStream open"] = args.tokenless + args.half_open - ended
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for ch in channels:
+        await ch.close()
+    conn.send(held)
+
+
+def flood_process(target: str, args: argparse.Namespace, conn: Any) -> None:
+    asyncio.run(flood(target, args, conn))
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,29 +136,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await wait_ready(ch)
         result: dict[str, Any] = {"rss_start_mb": footprint(proc.pid)["rss_kib"] / 1024}
         result["unloaded"] = await probe(target)
-        channels = [
-            grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-            for _ in range(args.connections)
-        ]
-        outcomes: list[str] = []
-        tasks = []
-        for i in range(args.watch):
-            tasks.append(asyncio.create_task(hold_watch(channels[i % len(channels)], outcomes)))
-        for i in range(args.tokenless):
-            ch = channels[i % len(channels)]
-            tasks.append(asyncio.create_task(hold_stream(ch, None, outcomes)))
-        for i in range(args.half_open):
-            ch = channels[i % len(channels)]
-            tasks.append(asyncio.create_task(hold_stream(ch, AUTH, outcomes)))
-        await asyncio.sleep(5)  # let the flood open what it can (load generation, not a check)
+        ours, theirs = multiprocessing.Pipe()
+        flooder = multiprocessing.get_context("spawn").Process(
+            target=flood_process, args=(target, args, theirs)
+        )
+        flooder.start()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, ours.recv)  # the flood is open
         result["rss_flood_mb"] = footprint(proc.pid)["rss_kib"] / 1024
         result["flood"] = await probe(target)
-        result["flood_outcomes"] = {k: outcomes.count(k) for k in sorted(set(outcomes))}
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for ch in channels:
-            await ch.close()
+        ours.send("stop")
+        result["flood_outcomes"] = await loop.run_in_executor(None, ours.recv)
+        flooder.join(60)
         rss = []
         for _ in range(10):  # bounded: up to 10 s for the server to settle
             await asyncio.sleep(1)
@@ -140,6 +166,7 @@ def main() -> None:
     p.add_argument("--tokenless", type=int, default=2000, help="token-less InferStreams tried")
     p.add_argument("--half-open", type=int, default=1000, help="authenticated, never sending")
     p.add_argument("--connections", type=int, default=50)
+    p.add_argument("--settle", type=float, default=5.0, help="seconds the flood opens for")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args()
     result = asyncio.run(run(args))

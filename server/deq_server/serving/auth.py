@@ -15,6 +15,8 @@ from typing import Any
 
 import grpc
 
+from .memory import release_free_memory_soon
+
 ADMIN_METHODS = frozenset(f"/deq.v1.DEQService/{m}" for m in ("Train", "LoadModel", "UnloadModel"))
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -41,9 +43,11 @@ def _denied(handler: Any, code: grpc.StatusCode, message: str) -> Any:
     """A handler of the same RPC kind that only aborts."""
 
     async def unary(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        release_free_memory_soon()  # a flood of refused calls should not leave the heap big
         await context.abort(code, message)
 
     async def stream(_request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        release_free_memory_soon()
         await context.abort(code, message)
         yield None  # never reached: abort raises; this line makes the function a generator
 

@@ -28,6 +28,7 @@ class BoundedHealthServicer(health.aio.HealthServicer):
 
     async def Watch(self, request: pb.HealthCheckRequest, context: Any) -> None:
         if self.watchers >= self.max_watchers:
+            release_free_memory_soon()  # a flood of refused calls should not leave the heap big
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.watchers} health Watch streams are open (--max-watch-streams "

@@ -273,6 +273,7 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         its request id. At most `stream_cap` streams are open at once, so that streams (which
         any client can hold open) never take every RPC slot from unary calls."""
         if self.open_streams >= self.stream_cap:
+            release_free_memory_soon()  # a flood of refused streams should not leave the heap big
             raise ResourceExhaustedError(
                 f"{self.open_streams} InferStreams are open (--max-infer-streams "
                 f"{self.stream_cap}); use Infer, or retry later"
