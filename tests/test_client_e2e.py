@@ -59,6 +59,43 @@ def test_sdk_infer_list_get_health(target):
         assert info.value.code.name == "NOT_FOUND"
 
 
+def test_sdk_errors_are_one_type_whether_the_client_or_the_server_refuses(target):
+    """Issue 13, item 5: tol=0 (refused by the SDK) and tol=1e-20 (by the server's --min-tol)
+    are both DEQError INVALID_ARGUMENT; the SDK's is also a ValueError (TypeError: wrong type)."""
+    x, _ = digits(2)
+    with DEQClient(target, timeout=30) as client:
+        for options, local in (
+            ({"tol": 0.0}, ValueError),
+            ({"tol": "1e-3"}, TypeError),
+            ({"method": "newton"}, ValueError),
+            ({"tol": 1e-20}, None),
+            ({"max_iter": 10**6}, None),
+        ):
+            with pytest.raises(DEQError) as info:
+                client.infer("digits", x, **options)
+            assert info.value.code.name == "INVALID_ARGUMENT", options
+            assert str(info.value).startswith("INVALID_ARGUMENT: ")
+            if local is not None:
+                assert isinstance(info.value, local)
+        with pytest.raises(DEQError) as info:
+            client.infer("digits", x.astype(np.uint8))
+        assert info.value.code.name == "INVALID_ARGUMENT"
+
+    async def both_sides() -> list[DEQError]:
+        errors = []
+        async with AsyncDEQClient(target, timeout=30) as client:
+            for tol in (0.0, 1e-20):
+                try:
+                    await client.infer("digits", x, tol=tol)
+                except DEQError as error:
+                    errors.append(error)
+        return errors
+
+    errors = asyncio.run(both_sides())
+    assert [error.code.name for error in errors] == ["INVALID_ARGUMENT"] * 2
+    assert isinstance(errors[0], ValueError)
+
+
 def test_sdk_load_and_unload(target, model_dir):
     shutil.copy(model_dir / "digits.safetensors", model_dir / "copy.safetensors")
     with DEQClient(target, timeout=30) as client:

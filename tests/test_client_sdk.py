@@ -120,7 +120,9 @@ def test_bfloat16_from_torch_and_ml_dtypes() -> None:
     "value", [np.zeros(3, np.int32), np.zeros(3, bool), np.zeros(3, np.complex64), ["a"]]
 )
 def test_tensor_rejects_unsupported_dtypes(value: object) -> None:
-    with pytest.raises(ValueError, match=r"^x: dtype .* not supported.*float32, float64"):
+    with pytest.raises(
+        ValueError, match=r"^INVALID_ARGUMENT: x: dtype .* not supported.*float32, float64"
+    ):
         to_proto(value, "x")
 
 
@@ -260,18 +262,66 @@ def test_per_sample_tol_becomes_sample_tol(tols: list[float]) -> None:
 def test_infer_request_rejects_bad_options_naming_the_field(
     kwargs: dict[str, object], error: type[Exception], pattern: str
 ) -> None:
-    with pytest.raises(error, match=pattern):
+    with pytest.raises(error, match=pattern.replace("^", "^INVALID_ARGUMENT: ", 1)) as caught:
         infer_request("m", np.zeros((2, 3), np.float32), **kwargs)  # type: ignore[arg-type]
+    assert isinstance(caught.value, DEQError)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@given(
+    tol=st.one_of(
+        st.floats(max_value=0.0),
+        st.sampled_from([math.nan, math.inf, -math.inf]),
+        st.lists(st.floats(max_value=0.0), min_size=2, max_size=2),
+    )
+)
+def test_every_bad_tolerance_is_a_deq_error_with_invalid_argument(tol: object) -> None:
+    """Issue 13, item 5: one exception type; it is also a ValueError for `except ValueError`."""
+    with pytest.raises(DEQError) as caught:
+        infer_request("m", np.zeros((2, 3), np.float32), tol=tol)  # type: ignore[arg-type]
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(caught.value, ValueError)
+    assert caught.value.message.startswith("tol: ")
+
+
+@given(
+    option=st.sampled_from(["tol", "max_iter", "budget_ms", "allow_partial", "method"]),
+    value=st.one_of(st.none().map(lambda _: object()), st.binary(max_size=3), st.complex_numbers()),
+)
+def test_every_value_of_a_wrong_type_is_a_deq_error_and_a_type_error(
+    option: str, value: object
+) -> None:
+    with pytest.raises(DEQError) as caught:
+        infer_request("m", np.zeros((2, 3), np.float32), **{option: value})  # type: ignore[arg-type]
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(caught.value, TypeError | ValueError)
+    assert caught.value.message.startswith(f"{option}: ")
+
+
+def test_constructor_and_decoding_errors_are_deq_errors_too() -> None:
+    with pytest.raises(DEQError) as caught:
+        DEQClient("127.0.0.1:1", retries=-1)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(DEQError) as caught:
+        DEQClient("127.0.0.1:1", timeout=0)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    short = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[2, 3], data=b"\0" * 23)
+    with pytest.raises(DEQError) as caught:
+        from_proto(short, "InferResponse.output")
+    assert caught.value.code == grpc.StatusCode.INTERNAL  # a server bug, not the caller's
+    assert isinstance(caught.value, ValueError)
 
 
 def test_infer_request_rejects_bad_model_and_input() -> None:
-    with pytest.raises(ValueError, match=r"^model: must not be empty"):
+    with pytest.raises(ValueError, match=r"^INVALID_ARGUMENT: model: must not be empty"):
         infer_request("", [[1.0]])
-    with pytest.raises(TypeError, match=r"^model: expected a string, got NoneType"):
+    with pytest.raises(
+        TypeError, match=r"^INVALID_ARGUMENT: model: expected a string, got NoneType"
+    ):
         infer_request(None, [[1.0]])  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"^x: expected a batch-first array"):
+    with pytest.raises(ValueError, match=r"^INVALID_ARGUMENT: x: expected a batch-first array"):
         infer_request("m", 1.0)
-    with pytest.raises(ValueError, match=r"^x: dtype uint8"):
+    with pytest.raises(ValueError, match=r"^INVALID_ARGUMENT: x: dtype uint8"):
         infer_request("m", np.zeros((1, 2), np.uint8))
 
 
@@ -378,21 +428,31 @@ def test_train_config_minimal_leaves_defaults_unset() -> None:
 def test_train_config_rejected_before_any_message(
     config: dict[str, object], error: type[Exception], pattern: str
 ) -> None:
-    with pytest.raises(error, match=pattern):
+    with pytest.raises(error, match=pattern.replace("^", "^INVALID_ARGUMENT: ", 1)) as caught:
         train_requests("m", iter(()), config)  # eager: no next() needed
+    assert isinstance(caught.value, DEQError)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_train_batches_are_checked_against_the_loss() -> None:
     ce = {"loss": "cross_entropy", "learning_rate": 1e-3}
     x = np.zeros((2, 3), np.float32)
-    with pytest.raises(ValueError, match=r"^batch 0 targets: cross_entropy takes int64"):
+    with pytest.raises(
+        ValueError, match=r"^INVALID_ARGUMENT: batch 0 targets: cross_entropy takes int64"
+    ):
         list(train_requests("m", [(x, np.zeros(2, np.float32))], ce))
-    with pytest.raises(ValueError, match=r"^batch 0: inputs \[2, 3\] and targets \[3\]"):
+    with pytest.raises(
+        ValueError, match=r"^INVALID_ARGUMENT: batch 0: inputs \[2, 3\] and targets \[3\]"
+    ):
         list(train_requests("m", [(x, np.zeros(3, np.int64))], ce))
-    with pytest.raises(TypeError, match=r"^batch 1: expected an \(inputs, targets\) pair"):
+    with pytest.raises(
+        TypeError, match=r"^INVALID_ARGUMENT: batch 1: expected an \(inputs, targets\) pair"
+    ):
         list(train_requests("m", [(x, np.zeros(2, np.int64)), x], ce))
     mse = {"loss": "mse", "learning_rate": 1e-3}
-    with pytest.raises(ValueError, match=r"^batch 0 targets: mse takes float targets"):
+    with pytest.raises(
+        ValueError, match=r"^INVALID_ARGUMENT: batch 0 targets: mse takes float targets"
+    ):
         list(train_requests("m", [(x, np.zeros((2, 1), np.int64))], mse))
 
 
@@ -606,7 +666,7 @@ def test_infer_many_yields_in_request_order_and_raises_per_item(target: str) -> 
         assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
         assert caught.value.request_id == "0"
         assert caught.value.message == "input: bad"
-        with pytest.raises(ValueError, match=r"^method: unknown value"):
+        with pytest.raises(ValueError, match=r"^INVALID_ARGUMENT: method: unknown value"):
             next(client.infer_many("digits", xs, method="newton"))  # type: ignore[call-overload]
 
 
@@ -616,7 +676,7 @@ def test_train_yields_steps_then_commit_and_surfaces_batch_errors(target: str) -
     with DEQClient(target) as client:
         events = list(client.train("digits", batches, config, progress=True))
         bad = [*batches[:1], (np.zeros((2, 3), np.float32), np.array([0.5, 1.5]))]
-        with pytest.raises(ValueError, match=r"^batch 1 targets: cross_entropy"):
+        with pytest.raises(ValueError, match=r"^INVALID_ARGUMENT: batch 1 targets: cross_entropy"):
             list(client.train("digits", bad, config))
     assert [e.kind for e in events] == ["step", "step", "step", "committed"]
     assert [e.step for e in events[:3]] == [1, 2, 3]
@@ -682,7 +742,7 @@ def test_no_retry_on_other_codes_exhausted_retries_or_after_a_stream_answered(
         with pytest.raises(DEQError, match=r"^UNAVAILABLE: gone after the first answer"):
             list(stream)
         assert fake.calls["InferStream"] == 1
-    with pytest.raises(ValueError, match=r"^retries: must be an int >= 0"):
+    with pytest.raises(ValueError, match=r"^INVALID_ARGUMENT: retries: must be an int >= 0"):
         DEQClient(target, retries=-1)
 
 
@@ -705,7 +765,9 @@ def test_async_client_same_methods(target: str, fake: FakeDEQ) -> None:
             assert [len(r.output) for r in results] == [1, 2, 3]
             events = [e async for e in client.train("digits", [(x, np.zeros((3, 1)))], config)]
             assert [e.kind for e in events] == ["step", "committed"]
-            with pytest.raises(ValueError, match=r"^batch 2 targets: mse takes float"):
+            with pytest.raises(
+                ValueError, match=r"^INVALID_ARGUMENT: batch 2 targets: mse takes float"
+            ):
                 _ = [e async for e in client.train("digits", batches(), config)]
             assert (await client.get_model("digits")).name == "digits"
             assert len(await client.list_models()) == 1

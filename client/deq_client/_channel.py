@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from deq_client._errors import InvalidArgumentError
 from deq_client._retry import RetryPolicy
 
 _MESSAGE_LIMIT = 2**31 - 1  # as tritonclient: tensors are large; the server enforces its own
@@ -37,7 +38,9 @@ def _seconds(field: str, value: float) -> float:
         or not isinstance(value, int | float)
         or not (math.isfinite(value) and value > 0)
     ):
-        raise ValueError(f"{field}: must be a finite number of seconds > 0, got {value!r}")
+        raise InvalidArgumentError(
+            f"{field}: must be a finite number of seconds > 0, got {value!r}"
+        )
     return float(value)
 
 
@@ -54,9 +57,9 @@ def channel_settings(
 ) -> ChannelSettings:
     """Validates the client's constructor arguments; ``options`` override the defaults by key."""
     if not isinstance(target, str) or not target:
-        raise ValueError("target: expected 'host:port' (or any gRPC target string)")
+        raise InvalidArgumentError("target: expected 'host:port' (or any gRPC target string)")
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries: must be an int >= 0, got {retries!r}")
+        raise InvalidArgumentError(f"retries: must be an int >= 0, got {retries!r}")
     backoff = _seconds("backoff", backoff)
     merged: dict[str, Any] = {
         "grpc.max_send_message_length": _MESSAGE_LIMIT,

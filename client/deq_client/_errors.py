@@ -52,6 +52,25 @@ class DEQError(Exception):
         )
 
 
+class InvalidArgumentError(DEQError, ValueError):
+    """A value the SDK refused before any RPC: a ``DEQError`` with code INVALID_ARGUMENT (as the
+    server would answer), and a ``ValueError``, so that both ``except`` clauses catch it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class InvalidArgumentTypeError(InvalidArgumentError, TypeError):
+    """An ``InvalidArgumentError`` for a value of the wrong type; also a ``TypeError``."""
+
+
+class MalformedResponseError(DEQError, ValueError):
+    """A response the SDK cannot decode (a server bug): code INTERNAL; also a ``ValueError``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.INTERNAL, message)
+
+
 class _RecordsErrors(Protocol):
     @property
     def error(self) -> Exception | None: ...

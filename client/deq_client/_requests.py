@@ -13,6 +13,7 @@ from typing import Any, Literal, TypedDict, TypeVar
 
 import numpy as np
 
+from deq_client._errors import InvalidArgumentError, InvalidArgumentTypeError
 from deq_client._tensor import TensorLike, as_numpy, dtype_name, to_proto
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 
@@ -85,43 +86,43 @@ E = TypeVar("E", bound=int)
 def _choice(field: str, value: object, choices: Mapping[str, E]) -> E:
     if not isinstance(value, str) or value not in choices:
         valid = ", ".join(repr(name) for name in choices)
-        raise ValueError(f"{field}: unknown value {value!r}; expected one of {valid}")
+        raise InvalidArgumentError(f"{field}: unknown value {value!r}; expected one of {valid}")
     return choices[value]
 
 
 def _real(field: str, value: object, *, minimum: float, strict: bool) -> float:
     """A finite float ``> minimum`` (``strict``) or ``>= minimum``; bools are rejected."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{field}: expected a number, got {type(value).__name__}")
+        raise InvalidArgumentTypeError(f"{field}: expected a number, got {type(value).__name__}")
     number = float(value)
     ok = number > minimum if strict else number >= minimum
     if not (math.isfinite(number) and ok):
         bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
-        raise ValueError(f"{field}: must be finite and {bound}, got {number!r}")
+        raise InvalidArgumentError(f"{field}: must be finite and {bound}, got {number!r}")
     return number
 
 
 def _count(field: str, value: object, *, minimum: int) -> int:
     """An int in ``[minimum, 2**32 - 1]`` (the proto's uint32); bools are rejected."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{field}: expected an int, got {type(value).__name__}")
+        raise InvalidArgumentTypeError(f"{field}: expected an int, got {type(value).__name__}")
     number = int(value)
     if not minimum <= number <= _UINT32_MAX:
-        raise ValueError(f"{field}: must be in [{minimum}, {_UINT32_MAX}], got {number}")
+        raise InvalidArgumentError(f"{field}: must be in [{minimum}, {_UINT32_MAX}], got {number}")
     return number
 
 
 def _flag(field: str, value: object) -> bool:
     if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"{field}: expected a bool, got {type(value).__name__}")
+        raise InvalidArgumentTypeError(f"{field}: expected a bool, got {type(value).__name__}")
     return bool(value)
 
 
 def _text(field: str, value: object, *, allow_empty: bool = True) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"{field}: expected a string, got {type(value).__name__}")
+        raise InvalidArgumentTypeError(f"{field}: expected a string, got {type(value).__name__}")
     if not (allow_empty or value):
-        raise ValueError(f"{field}: must not be empty")
+        raise InvalidArgumentError(f"{field}: must not be empty")
     return value
 
 
@@ -146,16 +147,16 @@ def solver_options(
             options.tol = _real("tol", values.item(), minimum=0.0, strict=True)
         else:
             if values.ndim != 1 or values.dtype.kind not in "iuf":
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"tol: expected a number or a 1-D sequence of numbers, got shape {values.shape} of {values.dtype}"
                 )
             if batch is not None and values.shape[0] != batch:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"tol: {values.shape[0]} per-sample tolerances for a batch of {batch}"
                 )
             floats = values.astype(np.float64)
             if not (np.isfinite(floats).all() and (floats > 0).all()):
-                raise ValueError("tol: every per-sample tolerance must be finite and > 0")
+                raise InvalidArgumentError("tol: every per-sample tolerance must be finite and > 0")
             options.sample_tol.extend(floats.tolist())
     if max_iter is not None:
         options.max_iter = _count("max_iter", max_iter, minimum=1)
@@ -199,12 +200,12 @@ def infer_request(
         return_state: Whether the response carries the fixed-point state.
 
     Raises:
-        ValueError: a value is out of range, an unknown string, or an unsupported tensor.
-        TypeError: a value has the wrong type.
+        DEQError: code INVALID_ARGUMENT, before any RPC; also a ``ValueError`` (a value out of
+            range, an unknown string, an unsupported tensor) or a ``TypeError`` (a wrong type).
     """
     tensor = to_proto(x, "x")
     if not tensor.shape:
-        raise ValueError(
+        raise InvalidArgumentError(
             "x: expected a batch-first array with at least one dimension, got a scalar"
         )
     batch = tensor.shape[0]
@@ -227,7 +228,7 @@ def infer_request(
     if initial_state is not None:
         state = to_proto(initial_state, "initial_state")
         if not state.shape or state.shape[0] != batch:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"initial_state: batch dimension must be {batch} like x, got shape {list(state.shape)}"
             )
         request.initial_state.CopyFrom(state)
@@ -238,7 +239,7 @@ def check_infer_options(options: InferOptions) -> None:
     """Validates everything in ``options`` that does not depend on a batch (before a stream)."""
     unknown = set(options) - set(InferOptions.__annotations__)
     if unknown:
-        raise TypeError(
+        raise InvalidArgumentTypeError(
             f"unknown infer options {sorted(unknown)}; expected {sorted(InferOptions.__annotations__)}"
         )
     solver_options(
@@ -280,17 +281,17 @@ def train_config(model: str, config: Mapping[str, Any]) -> pb.TrainRequest:
     max_grad_norm, jacobian_reg_weight, max_steps, publish_as, and version (to start from).
 
     Raises:
-        TypeError: an unknown or missing key, or a value of the wrong type.
-        ValueError: a value out of range or an unknown string.
+        DEQError: code INVALID_ARGUMENT, before any RPC; also a ``TypeError`` (an unknown or
+            missing key, a wrong type) or a ``ValueError`` (out of range, an unknown string).
     """
     unknown = set(config) - TRAIN_CONFIG_KEYS
     if unknown:
-        raise TypeError(
+        raise InvalidArgumentTypeError(
             f"train config: unknown keys {sorted(unknown)}; expected some of {sorted(TRAIN_CONFIG_KEYS)}"
         )
     missing = [key for key in _TRAIN_REQUIRED if config.get(key) is None]
     if missing:
-        raise TypeError(f"train config: missing required keys {missing}")
+        raise InvalidArgumentTypeError(f"train config: missing required keys {missing}")
     message = pb.TrainConfig(
         model=_text("model", model, allow_empty=False),
         loss=_choice("loss", config["loss"], LOSSES),
@@ -303,7 +304,7 @@ def train_config(model: str, config: Mapping[str, Any]) -> pb.TrainRequest:
         ),
     )
     if message.solver.sample_tol:
-        raise ValueError("tol: training takes one tolerance, not per-sample tolerances")
+        raise InvalidArgumentError("tol: training takes one tolerance, not per-sample tolerances")
     get = config.get
     if get("version") is not None:
         message.version = _text("version", config["version"])
@@ -347,25 +348,25 @@ def train_batch(index: int, batch: object, loss: int) -> pb.TrainRequest:
     floats for MSE.
     """
     if not isinstance(batch, tuple | list) or len(batch) != 2:
-        raise TypeError(
+        raise InvalidArgumentTypeError(
             f"batch {index}: expected an (inputs, targets) pair, got {type(batch).__name__}"
         )
     inputs = to_proto(batch[0], f"batch {index} inputs")
     targets = to_proto(batch[1], f"batch {index} targets")
     if not inputs.shape or not targets.shape or inputs.shape[0] != targets.shape[0]:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"batch {index}: inputs {list(inputs.shape)} and targets {list(targets.shape)} "
             "must share the batch (first) dimension"
         )
     if loss == pb.LOSS_CROSS_ENTROPY and (
         targets.dtype != pb.DATA_TYPE_INT64 or len(targets.shape) != 1
     ):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"batch {index} targets: cross_entropy takes int64 class labels of shape (batch,), "
             f"got {dtype_name(targets.dtype)} of shape {list(targets.shape)}"
         )
     if loss == pb.LOSS_MSE and targets.dtype == pb.DATA_TYPE_INT64:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"batch {index} targets: mse takes float targets shaped like the output, got int64"
         )
     return pb.TrainRequest(batch=pb.TrainBatch(inputs=inputs, targets=targets))

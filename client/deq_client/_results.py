@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from deq_client._errors import DEQError, status_code
+from deq_client._errors import DEQError, MalformedResponseError, status_code
 from deq_client._requests import METHODS, STOP_MODES, InferOptions
 from deq_client._tensor import dtype_name, from_proto
 from deq_client.pb.deq.v1 import deq_pb2 as pb
@@ -63,9 +63,9 @@ class InferResult:
 
     @classmethod
     def from_proto(cls, response: pb.InferResponse) -> InferResult:
-        """Decodes an ``InferResponse``; a malformed tensor raises ``ValueError``."""
+        """Decodes an ``InferResponse``; a malformed tensor raises ``MalformedResponseError``."""
         if not response.HasField("output"):
-            raise ValueError("InferResponse.output: missing")
+            raise MalformedResponseError("InferResponse.output: missing")
         timings = response.timings
         return cls(
             output=from_proto(response.output, "InferResponse.output"),
@@ -128,9 +128,11 @@ class ModelInfo:
         try:
             config = json.loads(info.config_json) if info.config_json else {}
         except json.JSONDecodeError as error:
-            raise ValueError(f"ModelInfo.config_json: not valid JSON: {error}") from error
+            raise MalformedResponseError(
+                f"ModelInfo.config_json: not valid JSON: {error}"
+            ) from error
         if not isinstance(config, dict):
-            raise ValueError("ModelInfo.config_json: expected a JSON object")
+            raise MalformedResponseError("ModelInfo.config_json: expected a JSON object")
         return cls(
             name=info.name,
             versions=list(info.versions),
@@ -174,7 +176,7 @@ class TrainEvent:
 
     @classmethod
     def from_proto(cls, response: pb.TrainResponse) -> TrainEvent:
-        """Decodes a ``TrainResponse``; an empty event raises ``ValueError``."""
+        """Decodes a ``TrainResponse``; an empty event raises ``MalformedResponseError``."""
         which = response.WhichOneof("event")
         if which == "step":
             s = response.step
@@ -196,7 +198,7 @@ class TrainEvent:
         if which == "committed":
             c = response.committed
             return cls(kind="committed", model=c.model, version=c.version, steps=c.steps)
-        raise ValueError("TrainResponse.event: empty (neither step nor committed)")
+        raise MalformedResponseError("TrainResponse.event: empty (neither step nor committed)")
 
 
 class InOrder:

@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+from deq_client._errors import InvalidArgumentError, MalformedResponseError
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 
 
@@ -73,7 +74,9 @@ def as_numpy(value: TensorLike, name: str = "tensor") -> tuple[npt.NDArray[Any],
     try:
         array = np.asarray(value)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{name}: cannot be converted to a numpy array: {error}") from error
+        raise InvalidArgumentError(
+            f"{name}: cannot be converted to a numpy array: {error}"
+        ) from error
     return array, array.dtype.name == "bfloat16"
 
 
@@ -93,7 +96,8 @@ def bfloat16_bits(values: npt.NDArray[Any]) -> npt.NDArray[np.uint16]:
 def to_proto(value: TensorLike, name: str = "tensor") -> pb.Tensor:
     """Encodes an array as a ``deq.v1.Tensor``; ``name`` is the field named in errors.
 
-    Non-contiguous and big-endian arrays are converted; unsupported dtypes raise ``ValueError``.
+    Non-contiguous and big-endian arrays are converted; unsupported dtypes raise ``InvalidArgumentError`` (a
+    ``DEQError`` and a ``ValueError``).
     """
     array, is_bfloat16 = as_numpy(value, name)
     if is_bfloat16:
@@ -109,7 +113,7 @@ def to_proto(value: TensorLike, name: str = "tensor") -> pb.Tensor:
     wire = _BY_KIND.get((array.dtype.kind, array.dtype.itemsize))
     if wire is None:
         hint = " (cast with .astype(np.int64))" if array.dtype.kind in "iub" else ""
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name}: dtype {array.dtype} is not supported{hint}; expected one of {_SUPPORTED}"
         )
     data = array.astype(_WIRE_DTYPES[wire], copy=False).tobytes(order="C")
@@ -120,22 +124,23 @@ def from_proto(tensor: pb.Tensor, name: str = "tensor") -> npt.NDArray[Any]:
     """Decodes a ``deq.v1.Tensor`` to a writable native-endian array (bfloat16 -> float32).
 
     The byte count is checked against the shape and dtype before anything is allocated;
-    a mismatch raises ``ValueError`` naming the field and both numbers.
+    a mismatch raises ``MalformedResponseError`` (a ``DEQError``, code INTERNAL, and a
+    ``ValueError``) naming the field and both numbers.
     """
     wire_dtype = _WIRE_DTYPES.get(tensor.dtype)
     if wire_dtype is None:
-        raise ValueError(
+        raise MalformedResponseError(
             f"{name}.dtype: {dtype_name(tensor.dtype)} is not a tensor dtype; "
             f"expected one of {_SUPPORTED}"
         )
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
-        raise ValueError(f"{name}.shape: dimensions must be >= 0, got {list(shape)}")
+        raise MalformedResponseError(f"{name}.shape: dimensions must be >= 0, got {list(shape)}")
     count = math.prod(shape)
     expected = count * wire_dtype.itemsize
     data = tensor.data
     if len(data) != expected:
-        raise ValueError(
+        raise MalformedResponseError(
             f"{name}.data: {len(data)} bytes, expected {expected} "
             f"(shape {list(shape)} x {wire_dtype.itemsize}-byte {dtype_name(tensor.dtype)})"
         )
@@ -147,4 +152,6 @@ def from_proto(tensor: pb.Tensor, name: str = "tensor") -> npt.NDArray[Any]:
     try:
         return values.reshape(shape)
     except ValueError as error:  # e.g. a zero-size shape whose other dimensions overflow
-        raise ValueError(f"{name}.shape: {list(shape)} is not a valid array shape") from error
+        raise MalformedResponseError(
+            f"{name}.shape: {list(shape)} is not a valid array shape"
+        ) from error

@@ -130,8 +130,9 @@ class DEQClient:
         """Solves the batch ``x`` to its fixed point; options as in ``infer_request``.
 
         ``tol`` may be one float or one per sample; ``method`` is picard|anderson|broyden,
-        ``stop_mode`` abs|rel. Raises ``ValueError``/``TypeError`` before any RPC for bad
-        arguments and ``DEQError`` for a failed call.
+        ``stop_mode`` abs|rel. Raises ``DEQError``: INVALID_ARGUMENT before any RPC for bad
+        arguments (also a ``ValueError``, or a ``TypeError`` for a wrong type), the call's status
+        for a failed call.
         """
         request = infer_request(model, x, **options)
         response: pb.InferResponse = self._unary(self._stub.Infer, request, timeout)
