@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +47,36 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class StartupError(RuntimeError):
+    """The server cannot start (a busy address, say); its message is the one line printed."""
+
+
+def _check_free(address: str, what: str) -> None:
+    """Refuse a busy HOST:PORT before gRPC or the HTTP server try it (gRPC would log a C-core
+    line first, and by default set SO_REUSEPORT, sharing the port with another server)."""
+    host, port = _split(address)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as error:
+        raise StartupError(
+            f"{what} {address}: cannot resolve the host ({error.strerror})"
+        ) from None
+    for family, kind, proto, _, sockaddr in infos[:1]:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as error:
+                raise StartupError(
+                    f"{what} {address} is not available: {error.strerror} "
+                    "(another server there? choose another port)"
+                ) from None
+
+
 @dataclass
 class RunningServer:
     """A started server: its bound ports and the parts a shutdown needs."""
@@ -81,6 +112,10 @@ def make_scheduler(config: ServerConfig, metrics: Metrics) -> Scheduler:
 
 async def start_server(config: ServerConfig) -> RunningServer:
     """Load the models, then start gRPC (health SERVING only once loaded) and /metrics."""
+    # A busy address fails before anything is loaded (fast, one line).
+    _check_free(config.address, "gRPC address")
+    if config.metrics_address:
+        _check_free(config.metrics_address, "metrics address")
     metrics = Metrics()
     # Intra-op threads that spin on cores the event loop needs make small solver steps tens of
     # times slower (measured: 1 ms -> 39 ms per step on 2 busy cores), hence half by default.
@@ -111,6 +146,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
         ("grpc.max_connection_idle_ms", int(config.connection_idle_seconds * 1000)),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
+        # gRPC sets SO_REUSEPORT by default: a second server would bind the same port and share
+        # its connections. A busy address must fail instead.
+        ("grpc.so_reuseport", 0),
     ]
     interceptors: list[grpc.aio.ServerInterceptor] = [GrpcMetricsInterceptor(metrics.registry)]
     infer_tokens, admin_tokens = (
@@ -133,20 +171,30 @@ async def start_server(config: ServerConfig) -> RunningServer:
         OIPServicer(deq, registry, health_servicer), server
     )
     reflection.enable_server_reflection(SERVICE_NAMES, server)
-    if config.tls_cert is not None and config.tls_key is not None:
-        credentials = grpc.ssl_server_credentials(
-            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())]
-        )
-        port = server.add_secure_port(config.address, credentials)
-    else:
-        port = server.add_insecure_port(config.address)
-    await server.start()
+    try:
+        if config.tls_cert is not None and config.tls_key is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())]
+            )
+            port = server.add_secure_port(config.address, credentials)
+        else:
+            port = server.add_insecure_port(config.address)
+    except RuntimeError as error:  # taken between the check and the bind
+        await scheduler.close()
+        raise StartupError(f"gRPC address {config.address} is not available ({error})") from None
 
     metrics_http, metrics_port = None, None
     if config.metrics_address:
         host, wanted = _split(config.metrics_address)
-        metrics_http, _ = start_http_server(wanted, host, registry=metrics.registry)
+        try:
+            metrics_http, _ = start_http_server(wanted, host, registry=metrics.registry)
+        except OSError as error:
+            await scheduler.close()
+            raise StartupError(
+                f"metrics address {config.metrics_address} is not available: {error.strerror}"
+            ) from None
         metrics_port = metrics_http.server_port
+    await server.start()
     for service in ("", *SERVICE_NAMES[:2]):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on port %d (metrics %s)", sorted(registry.models), port, metrics_port)
@@ -187,4 +235,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except StartupError as error:
+        sys.exit(f"deq-server: error: {error}")
