@@ -9,6 +9,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -486,15 +488,27 @@ def _export_costly(path: Path, make: Any) -> Path:
 
 def test_sizes_that_compose_into_a_memory_bomb_are_refused(tmp_path: Path) -> None:
     """Two repeats by 1024 each pass the per-size cap; together they would take 34 GB at 1,024
-    rows (100 MB on the three rows of the probe). Refused from fake tensors, nothing allocated."""
+    rows (100 MB on the three rows of the probe). Refused from fake tensors, in a process whose
+    peak memory moves by less than the probe alone would take."""
     path = _export_costly(tmp_path / "bomb.pt2", lambda z: z.repeat(1, 1024).repeat(1, 1024))
-    tracemalloc.start()
-    try:
-        refused(path, "'cell' at 1024 rows", "bytes")
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 64 << 20
+    good = tmp_path / "good.pt2"
+    export_gated(good)
+    code = (  # a good package first, so that torch's export modules are imported already
+        "import resource, sys; from deq_server.core import load_checkpoint, CheckpointError\n"
+        "load_checkpoint(sys.argv[2])\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n    load_checkpoint(sys.argv[1])\nexcept CheckpointError as e:\n    print(e)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path), str(good)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert "'cell' at 1024 rows" in out[0], out
+    assert "bytes" in out[0], out
+    assert int(out[-1]) < 16, out  # MB (the probe alone would take 100)
     assert load_checkpoint(path, max_rows=4, max_bytes=1 << 30)  # fine at a small batch
 
 
