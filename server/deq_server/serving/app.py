@@ -91,12 +91,34 @@ class RunningServer:
     _metrics_http: Any = None
 
     async def stop(self, grace: float) -> None:
-        """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`."""
+        """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`;
+        then one final log line with what was drained."""
+        in_flight = _in_flight(self.metrics)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.scheduler.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+        cut = _in_flight(self.metrics)
+        log.info(
+            "stopped: drained %d call(s) in flight at shutdown (%d finished, %d cut off at the "
+            "%gs grace); %d model(s) unloaded",
+            in_flight,
+            max(0, in_flight - cut),
+            cut,
+            grace,
+            len(self.registry.models),
+        )
+
+
+def _in_flight(metrics: Metrics) -> int:
+    """RPCs started and not yet handled, from the go-grpc-prometheus counters."""
+    totals = {"grpc_server_started_total": 0.0, "grpc_server_handled_total": 0.0}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return max(0, int(totals["grpc_server_started_total"] - totals["grpc_server_handled_total"]))
 
 
 def make_scheduler(config: ServerConfig, metrics: Metrics) -> Scheduler:
@@ -197,7 +219,24 @@ async def start_server(config: ServerConfig) -> RunningServer:
     await server.start()
     for service in ("", *SERVICE_NAMES[:2]):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on port %d (metrics %s)", sorted(registry.models), port, metrics_port)
+    host = _split(config.address)[0] or "0.0.0.0"
+    models = ", ".join(
+        f"{name} v{','.join(sorted(served.versions, key=int))}"
+        for name, served in sorted(registry.models.items())
+    )
+    log.info(
+        "deq-server ready: gRPC %s:%d (%s), metrics %s, model dir %s, device %s (%s), "
+        "scheduler %s, models: %s",
+        host,
+        port,
+        "TLS" if config.tls_cert is not None else "plaintext",
+        f"{_split(config.metrics_address)[0]}:{metrics_port}" if metrics_port else "off",
+        config.model_dir if config.model_dir is not None else "none (bundled demo only)",
+        registry.device,
+        config.dtype,
+        config.scheduler,
+        models or "none",
+    )
     return RunningServer(
         server, port, metrics_port, health_servicer, registry, scheduler, metrics, metrics_http
     )

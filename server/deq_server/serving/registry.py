@@ -261,7 +261,8 @@ class Registry:
         found = discover(model_dir)
         if not found:
             found = {name: {"1": path} for name, path in bundled_checkpoints().items()}
-            log.info("no checkpoint in %s: serving the bundled models %s", model_dir, sorted(found))
+            where = "no --model-dir" if model_dir is None else f"no checkpoint in {model_dir}"
+            log.info("%s: serving the bundled models %s", where, sorted(found))
         for name, versions in found.items():
             loaded = 0
             for version in sorted(versions, key=int, reverse=True):  # newest first
