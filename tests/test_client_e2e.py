@@ -182,3 +182,45 @@ def test_deqctl_models_infer_train(target, tmp_path):
     assert [e["kind"] for e in events] == ["step", "step", "committed"]
     assert events[-1]["model"] == "digits-tuned"
     assert events[-1]["version"] == "1"
+
+
+def test_deqctl_local_errors_are_one_line_not_tracebacks(target, tmp_path):
+    """Issue 13, item 4 (in part): a missing file, a bad tol, float labels for cross-entropy."""
+    x, y = digits(4)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "float_labels.npy", y.astype(np.float32))
+    (tmp_path / "text.npy").write_text("not an array")
+    cases = [
+        (["infer", "--model", "digits", "--input", str(tmp_path / "missing.npy")], "missing.npy"),
+        (["infer", "--model", "digits", "--input", str(tmp_path / "text.npy")], "deqctl: error:"),
+        (
+            ["infer", "--model", "digits", "--input", str(tmp_path / "x.npy"), "--tol", "0"],
+            "deqctl: INVALID_ARGUMENT: tol",
+        ),
+        (
+            [
+                "train",
+                "--model",
+                "digits",
+                "--inputs",
+                str(tmp_path / "x.npy"),
+                "--targets",
+                str(tmp_path / "float_labels.npy"),
+                "--loss",
+                "cross_entropy",
+            ],
+            "deqctl: INVALID_ARGUMENT: batch 0 targets: cross_entropy takes int64",
+        ),
+    ]
+    for args, expected in cases:
+        out = subprocess.run(
+            [sys.executable, "-m", "deq_client.cli", "--target", target, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert out.returncode == 1, (args, out.stderr)
+        lines = out.stderr.splitlines()
+        assert len(lines) == 1, out.stderr
+        assert expected in lines[0], lines[0]

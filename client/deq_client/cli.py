@@ -136,8 +136,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         args.run(args)
-    except DEQError as exc:
+    except DEQError as exc:  # the server's refusals and the SDK's (a bad tol, wrong labels)
         print(f"deqctl: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
+    except OSError as exc:  # a missing or unreadable file
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"deqctl: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
+    except ValueError as exc:  # e.g. a file that is not a .npy array
+        print(f"deqctl: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from exc
 
 
