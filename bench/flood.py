@@ -142,7 +142,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         flooder.start()
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, ours.recv)  # the flood is open
+        result["flood_answered_before_probe"] = await loop.run_in_executor(None, ours.recv)
         result["rss_flood_mb"] = footprint(proc.pid)["rss_kib"] / 1024
         result["flood"] = await probe(target)
         ours.send("stop")
