@@ -208,6 +208,8 @@ def test_help_shows_every_default(capsys):
     for f in fields(ServerConfig):
         value = getattr(defaults, f.name)
         shown = "none" if value is None else ("''" if value == "" else str(value))
+        if isinstance(value, bool):
+            shown = "on" if value else "off"
         assert f"(default: {shown}; env {env_name(f.name)})" in text, f.name
 
 

@@ -133,6 +133,22 @@ def make_scheduler(config: ServerConfig, metrics: Metrics) -> Scheduler:
     return ContinuousScheduler(config.max_batch_slots, config.max_batch, on_batch=on_batch)
 
 
+async def sync_health(
+    health_servicer: BoundedHealthServicer, registry: Registry, strict: bool
+) -> None:
+    """SERVING while the registry is ready (some model served; with `strict`, none failed at
+    start), else NOT_SERVING, for the server and its two services; a change is logged."""
+    ready, why = registry.readiness(strict)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    status = serving if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+    if not await health_servicer.set_all(status, ("", *SERVICE_NAMES[:2])):
+        return
+    if ready:
+        log.info("health SERVING")
+    else:
+        log.warning("health NOT_SERVING: %s", why)
+
+
 async def start_server(config: ServerConfig) -> RunningServer:
     """Load the models, then start gRPC (health SERVING only once loaded) and /metrics."""
     # A busy address fails before anything is loaded (fast, one line).
@@ -218,8 +234,19 @@ async def start_server(config: ServerConfig) -> RunningServer:
             ) from None
         metrics_port = metrics_http.server_port
     await server.start()
-    for service in ("", *SERVICE_NAMES[:2]):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    await sync_health(health_servicer, registry, config.strict_readiness)
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+
+    def on_change() -> None:  # from the loop or a training thread
+        def schedule() -> None:
+            task = loop.create_task(sync_health(health_servicer, registry, config.strict_readiness))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+        loop.call_soon_threadsafe(schedule)
+
+    registry.on_change = on_change
     host = _split(config.address)[0] or "0.0.0.0"
     models = ", ".join(
         f"{name} v{','.join(sorted(served.versions, key=int))}"

@@ -43,6 +43,7 @@ class ServerConfig:
     max_batch_slots: int = 256
     torch_threads: int = 0
     grace_seconds: float = 10.0
+    strict_readiness: bool = False
     log_format: str = "text"
     infer_tokens: str = ""
     admin_tokens: str = ""
@@ -78,6 +79,7 @@ _HELP = {
     "max_batch_slots": "solver slots per model version and method setting (continuous scheduler)",
     "torch_threads": "CPU threads per torch op (0: half the cores, the rest for gRPC and Python)",
     "grace_seconds": "how long in-flight calls may finish after SIGTERM",
+    "strict_readiness": "report NOT_SERVING while any checkpoint found at start failed to load (until LoadModel serves that model); without it, SERVING once any model is served",
     "log_format": "text or json",
     "infer_tokens": "comma-separated bearer tokens with the infer scope (none: auth off)",
     "admin_tokens": "comma-separated bearer tokens with the admin and infer scopes",

@@ -25,6 +25,16 @@ class BoundedHealthServicer(health.aio.HealthServicer):
         super().__init__()
         self.max_watchers = max_watchers
         self.watchers = 0
+        self.status: int | None = None  # what set_all last set
+
+    async def set_all(self, status: int, services: tuple[str, ...]) -> bool:
+        """Set `status` for every one of `services`; False when it was set already."""
+        if status == self.status:
+            return False
+        self.status = status
+        for service in services:
+            await self.set(service, status)
+        return True
 
     async def Watch(self, request: pb.HealthCheckRequest, context: Any) -> None:
         if self.watchers >= self.max_watchers:

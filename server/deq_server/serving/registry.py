@@ -160,6 +160,10 @@ class Registry:
         self.max_iter_cap = max_iter_cap
         self.min_tol = min_tol
         self.models: dict[str, ServedModel] = {}
+        # Models whose newest checkpoint at start failed to load, with the reason (cleared
+        # when LoadModel or a commit publishes one); read by the health status.
+        self.failed: dict[str, str] = {}
+        self.on_change: Callable[[], None] | None = None  # after a model is served or unloaded
         self._reserved: dict[str, set[int]] = {}
         # The highest version of each name ever served in this process: numbers are never
         # handed out twice, even after UnloadModel (a client pinned to "1" must not get
@@ -245,14 +249,33 @@ class Registry:
         served = self.models.setdefault(name, ServedModel(name))
         served.versions[entry.version] = entry
         self._highest[name] = max(self._highest.get(name, 0), int(entry.version))
-        if self.keep_versions is None:
-            return []
-        evicted = served.ordered_versions()[: -self.keep_versions]
+        self.failed.pop(name, None)
+        evicted = (
+            [] if self.keep_versions is None else served.ordered_versions()[: -self.keep_versions]
+        )
         for version in evicted:
             del served.versions[version]
             if self.on_evict is not None:
                 self.on_evict(name, version)
+        if self.on_change is not None:
+            self.on_change()
         return evicted
+
+    def unload(self, name: str) -> None:
+        """Stop serving `name` (its files stay)."""
+        del self.models[name]
+        if self.on_change is not None:
+            self.on_change()
+
+    def readiness(self, strict: bool) -> tuple[bool, str]:
+        """Whether the server is ready to serve, and why not: some model must be served, and
+        with `strict`, no checkpoint found at start may have failed (as Triton's strict
+        readiness)."""
+        if not self.models:
+            return False, "no model is served"
+        if strict and self.failed:
+            return False, f"checkpoints failed to load (--strict-readiness): {sorted(self.failed)}"
+        return True, ""
 
     def load_all(self, model_dir: Path | None) -> None:
         """Load every checkpoint of the directory, or the bundled demos when it holds none.
@@ -264,7 +287,7 @@ class Registry:
             where = "no --model-dir" if model_dir is None else f"no checkpoint in {model_dir}"
             log.info("%s: serving the bundled models %s", where, sorted(found))
         for name, versions in found.items():
-            loaded = 0
+            loaded, newest_failed = 0, ""
             for version in sorted(versions, key=int, reverse=True):  # newest first
                 if self.keep_versions is not None and loaded >= self.keep_versions:
                     break  # older files stay on disk, unloaded
@@ -273,6 +296,10 @@ class Registry:
                     loaded += 1
                 except (ValueError, OSError) as exc:
                     log.error("skipping %s: %s", versions[version], exc)
+                    if loaded == 0 and not newest_failed:
+                        newest_failed = str(exc)  # a fallback to an older version serves
+            if newest_failed:  # but the directory's newest did not load: strict readiness sees it
+                self.failed[name] = newest_failed
 
     def resolve(self, name: str, version: str = "") -> tuple[ServedModel, ModelVersion]:
         """The model and the requested (or latest) version; NOT_FOUND names what is missing."""

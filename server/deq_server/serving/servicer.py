@@ -456,7 +456,7 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         served, _ = self.registry.resolve(request.name)
         if served.training:
             raise FailedPreconditionError(f"model {served.name!r} is being trained")
-        del self.registry.models[served.name]
+        self.registry.unload(served.name)
         self.metrics.forget_model(served.name)
         return pb.UnloadModelResponse()
 
