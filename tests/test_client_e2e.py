@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -224,3 +225,32 @@ def test_deqctl_local_errors_are_one_line_not_tracebacks(target, tmp_path):
         lines = out.stderr.splitlines()
         assert len(lines) == 1, out.stderr
         assert expected in lines[0], lines[0]
+
+
+def test_deqctl_version_load_unload_and_a_pinned_infer(target, model_dir, tmp_path):
+    """Issue 13, item 4: `deqctl --version`, `load`, `unload`, and `infer --version`."""
+    out = subprocess.run(
+        [sys.executable, "-m", "deq_client.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip() == f"deqctl {importlib.metadata.version('deq-serve')}"
+    shutil.copy(model_dir / "digits.safetensors", model_dir / "cli-copy.safetensors")
+    (loaded,) = deqctl(target, "load", "--name", "cli-copy", "--path", "cli-copy.safetensors")
+    assert (loaded["name"], loaded["versions"]) == ("cli-copy", ["1"])
+    np.save(tmp_path / "x.npy", digits(2)[0])
+    x = str(tmp_path / "x.npy")
+    (answer,) = deqctl(target, "infer", "--model", "cli-copy", "--version", "1", "--input", x)
+    assert answer["model_version"] == "1"
+    assert answer["status"] == ["CONVERGED"] * 2
+    assert deqctl(target, "unload", "--name", "cli-copy") == [{"unloaded": "cli-copy"}]
+    assert "cli-copy" not in [m["name"] for m in deqctl(target, "models")]
+    missing = subprocess.run(
+        [sys.executable, "-m", "deq_client.cli", "--target", target, "infer", "--model",
+         "cli-copy", "--input", x],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("deqctl: NOT_FOUND")

@@ -1,4 +1,4 @@
-"""`deqctl`: the deq-serve command line (models, infer, train, health) over the SDK.
+"""`deqctl`: the deq-serve command line (models, infer, train, load, unload, health) over the SDK.
 
 The target and token come from `--target` / `--token` or DEQ_TARGET / DEQ_TOKEN. Results are
 printed as JSON lines, so scripts can read them; `infer --output y.npy` also saves the output.
@@ -7,6 +7,7 @@ printed as JSON lines, so scripts can read them; `infer --output y.npy` also sav
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -39,9 +40,28 @@ def cmd_health(args: argparse.Namespace) -> None:
         _print({"service": args.service, "status": client.health(args.service)})
 
 
+def cmd_load(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        _print(asdict(client.load_model(args.name, args.path)))
+
+
+def cmd_unload(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        client.unload_model(args.name)
+    _print({"unloaded": args.name})
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("deq-serve")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
+
+
 def cmd_infer(args: argparse.Namespace) -> None:
     x = np.load(args.input)
     solver = {
+        "version": args.model_version,
         "tol": args.tol,
         "max_iter": args.max_iter,
         "method": args.method,
@@ -98,6 +118,7 @@ def parser() -> argparse.ArgumentParser:
         "--token", default=os.environ.get("DEQ_TOKEN"), help="bearer token (env DEQ_TOKEN)"
     )
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    p.add_argument("--version", action="version", version=f"deqctl {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("models", help="list the served models").set_defaults(run=cmd_models)
@@ -107,6 +128,9 @@ def parser() -> argparse.ArgumentParser:
 
     infer = sub.add_parser("infer", help="solve a batch from a .npy file")
     infer.add_argument("--model", required=True)
+    infer.add_argument(
+        "--version", dest="model_version", help="a published version to pin (default: latest)"
+    )
     infer.add_argument("--input", required=True, help=".npy file, batch first")
     infer.add_argument("--output", help="save the output here (.npy) instead of printing it")
     infer.add_argument("--tol", type=float)
@@ -114,6 +138,14 @@ def parser() -> argparse.ArgumentParser:
     infer.add_argument("--method", choices=["picard", "anderson", "broyden"])
     infer.add_argument("--stop-mode", choices=["abs", "rel"])
     infer.set_defaults(run=cmd_infer)
+
+    load = sub.add_parser("load", help="serve a checkpoint of the server's model directory (admin)")
+    load.add_argument("--name", required=True, help="serve it as this model")
+    load.add_argument("--path", required=True, help="relative to the server's --model-dir")
+    load.set_defaults(run=cmd_load)
+    unload = sub.add_parser("unload", help="stop serving a model; its files stay (admin)")
+    unload.add_argument("--name", required=True)
+    unload.set_defaults(run=cmd_unload)
 
     train = sub.add_parser(
         "train", help="fine-tune a served model on .npy data; commits at the end"
