@@ -132,14 +132,19 @@ def test_async_client(target):
     assert result.status_names == ["CONVERGED"] * 3
 
 
-def deqctl(target: str, *args: str) -> list[dict]:
-    out = subprocess.run(
+def run_deqctl(target: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "deq_client.cli", "--target", target, *args],
         capture_output=True,
         text=True,
         timeout=120,
-        check=True,
+        check=False,
     )
+
+
+def deqctl(target: str, *args: str) -> list[dict]:
+    out = run_deqctl(target, *args)
+    assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
@@ -214,13 +219,7 @@ def test_deqctl_local_errors_are_one_line_not_tracebacks(target, tmp_path):
         ),
     ]
     for args, expected in cases:
-        out = subprocess.run(
-            [sys.executable, "-m", "deq_client.cli", "--target", target, *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        out = run_deqctl(target, *args)
         assert out.returncode == 1, (args, out.stderr)
         lines = out.stderr.splitlines()
         assert len(lines) == 1, out.stderr
@@ -247,10 +246,6 @@ def test_deqctl_version_load_unload_and_a_pinned_infer(target, model_dir, tmp_pa
     assert answer["status"] == ["CONVERGED"] * 2
     assert deqctl(target, "unload", "--name", "cli-copy") == [{"unloaded": "cli-copy"}]
     assert "cli-copy" not in [m["name"] for m in deqctl(target, "models")]
-    missing = subprocess.run(
-        [sys.executable, "-m", "deq_client.cli", "--target", target, "infer", "--model",
-         "cli-copy", "--input", x],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    missing = run_deqctl(target, "infer", "--model", "cli-copy", "--input", x)
     assert missing.returncode == 1
     assert missing.stderr.startswith("deqctl: NOT_FOUND")

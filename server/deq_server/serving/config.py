@@ -113,28 +113,26 @@ def _number(
     return parse
 
 
-def _seconds(text: str) -> float:
-    """A finite number of seconds > 0 (float('inf') and nan refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not (math.isfinite(value) and 0 < value <= _INT32_MAX / 1000):
-        raise argparse.ArgumentTypeError(
-            f"must be a finite number of seconds > 0 (at most {_INT32_MAX // 1000}), got {text!r}"
-        )
-    return value
+def _positive(noun: str, high: float = math.inf) -> Callable[[str], float]:
+    """A parser of finite numbers in (0, high], naming `noun` in its errors."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not (math.isfinite(value) and 0 < value <= high):
+            limit = "" if high == math.inf else f" (at most {high:g})"
+            raise argparse.ArgumentTypeError(
+                f"must be a finite {noun.removeprefix('a ')} > 0{limit}, got {text!r}"
+            )
+        return value
+
+    return parse
 
 
-def _tolerance(text: str) -> float:
-    """A finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
+_seconds = _positive("a number of seconds", _INT32_MAX // 1000)  # gRPC takes milliseconds, int32
+_tolerance = _positive("a number")
 
 
 def _address(text: str, *, optional: bool = False) -> str:
