@@ -1,7 +1,7 @@
 """Overload: `--max-concurrent-rpcs` makes gRPC itself refuse calls beyond the limit.
 
-Claim: with the limit reached (held by open InferStream calls, which count as RPCs in
-progress), a new Infer gets RESOURCE_EXHAUSTED without a handler running (the request counter does
+Claim: with the limit reached (held by an open InferStream and a health Watch, which count as
+RPCs in progress), a new Infer gets RESOURCE_EXHAUSTED without a handler running (the request counter does
 not move), and once the streams close the same Infer is answered.
 """
 
@@ -13,6 +13,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving_harness import channel_to, running_server
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
@@ -35,19 +36,20 @@ def test_calls_beyond_the_concurrency_limit_are_refused_before_any_handler():
     )
     with running_server(max_concurrent_rpcs=2) as server, channel_to(server) as channel:
         stub = deq_pb2_grpc.DEQServiceStub(channel)
-        feeds = [queue.Queue(), queue.Queue()]
-        streams = [stub.InferStream(iter(feed.get, None)) for feed in feeds]
-        for i, (feed, stream) in enumerate(zip(feeds, streams, strict=True)):
-            feed.put(pb.InferStreamRequest(request_id=str(i), request=request))
-            assert next(stream).request_id == str(i)  # both streams are open and answered
+        feed: queue.Queue = queue.Queue()
+        stream = stub.InferStream(iter(feed.get, None))
+        feed.put(pb.InferStreamRequest(request_id="0", request=request))
+        assert next(stream).request_id == "0"  # open and answered
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # open too
         before = infer_count(server)
         with pytest.raises(grpc.RpcError) as refused:
             stub.Infer(request, timeout=10)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert infer_count(server) == before  # no handler ran
-        for feed, stream in zip(feeds, streams, strict=True):
-            feed.put(None)
-            assert list(stream) == []
+        feed.put(None)
+        assert list(stream) == []
+        watch.cancel()
         # The server counts a stream as finished a moment after its client sees the end.
         for _ in range(10_000):  # bounded; each refusal is one quick round trip
             try:

@@ -130,7 +130,7 @@ def test_no_token_in_logs_or_metrics(tmp_path: Path, log_format: str) -> None:
                 proc.wait()
     logs = out.read_text() + err.read_text()
     # The capture works and holds what the calls caused: the start line, the skipped file.
-    assert "serving" in logs, logs
+    assert "deq-server ready" in logs, logs
     assert "broken.safetensors" in logs, logs
     assert 'grpc_code="UNAUTHENTICATED"' in scrape
     assert 'grpc_code="PERMISSION_DENIED"' in scrape

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -265,10 +264,6 @@ async def start_server(config: ServerConfig) -> RunningServer:
         config.scheduler,
         models or "none",
     )
-    # What start-up made (torch, the models) lives as long as the process: frozen, the full
-    # collection that follows a burst of ended calls (memory.py) skips it (0.02 ms, not 150).
-    gc.collect()
-    gc.freeze()
     return RunningServer(
         server, port, metrics_port, health_servicer, registry, scheduler, metrics, metrics_http
     )
