@@ -33,9 +33,8 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt2")
 # Checkpoint files above this size are refused before they are read (a server's
 # --max-model-bytes can set it lower or higher).
 DEFAULT_MAX_BYTES = 4 << 30
-DEFAULT_MAX_ROWS = (
-    1024  # the largest batch a loaded package is checked for (the server passes its own)
-)
+# The largest batch a loaded package's costs are checked for (the server passes its own).
+DEFAULT_MAX_ROWS = 1024
 _REQUIRED_KEYS = ("deq_format_version", "config", "architecture", "created_at", "sha256")
 
 

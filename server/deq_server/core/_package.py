@@ -267,7 +267,7 @@ def check_costs(model: DEQModel, rows: int, max_bytes: int) -> None:
     }
     for name, (module, inputs) in calls.items():
         try:
-            measure(module, inputs, rows, max_bytes)
+            measure(module, inputs, max_bytes)
         except CostError as exc:
             raise PackageError(f"program {name!r} at {rows} rows: {exc}") from None
 

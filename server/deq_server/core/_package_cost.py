@@ -38,10 +38,9 @@ class CostError(ValueError):
 
 @dataclass(frozen=True)
 class Cost:
-    """One program call at `rows` rows: the most bytes its intermediate tensors hold at once,
-    and its FLOPs (matmuls and convolutions)."""
+    """One program call: the most bytes its intermediate tensors hold at once, and its FLOPs
+    (matmuls and convolutions)."""
 
-    rows: int
     peak_bytes: int
     flops: int
 
@@ -55,62 +54,54 @@ def _tensors(value: Any) -> list[Tensor]:
 
 
 class _Meter(torch.fx.Interpreter):
-    """Runs a graph node by node, noting for each node the storages its outputs reference."""
+    """Runs a graph node by node, noting each storage its outputs make: its size and the span
+    of nodes from the one that made it to the last use of any node that references it."""
 
     def __init__(self, module: torch.fx.GraphModule, max_bytes: int) -> None:
         super().__init__(module, garbage_collect_values=True)
         self.max_bytes = max_bytes
-        self.created: dict[int, tuple[int, int]] = {}  # storage -> (node index, bytes)
-        self.holders: dict[int, list[int]] = {}  # storage -> indices of nodes referencing it
         self.index = {node: i for i, node in enumerate(module.graph.nodes)}
+        self.last_use = {
+            node: max((self.index[user] for user in node.users), default=i)
+            for node, i in self.index.items()
+        }
+        self.spans: dict[int, list[int]] = {}  # storage -> [bytes, first node, last use]
         self.kept: list[Tensor] = []  # fake, so free: keeps storage addresses from being reused
 
     def run_node(self, n: torch.fx.Node) -> Any:
         out = super().run_node(n)
         if n.op in ("placeholder", "get_attr", "output"):
             return out  # inputs and weights are not the program's to allocate
-        i = self.index[n]
         for t in _tensors(out):
             self.kept.append(t)
             storage = t.untyped_storage()
-            key = storage._cdata
             size = storage.nbytes()
             if size > self.max_bytes:
                 raise CostError(
                     f"{n.name} ({n.target}) makes a tensor of {size} bytes, above {self.max_bytes}"
                 )
-            self.created.setdefault(key, (i, size))
-            self.holders.setdefault(key, []).append(i)
+            span = self.spans.setdefault(storage._cdata, [size, self.index[n], 0])
+            span[2] = max(span[2], self.last_use[n])
         return out
 
-
-def _peak(meter: _Meter, graph: torch.fx.Graph) -> int:
-    """Bytes held at once, each storage from the node that made it to the last use of any
-    node that references it."""
-    last_use = {}
-    for node in graph.nodes:
-        i = meter.index[node]
-        last_use[i] = max((meter.index[user] for user in node.users), default=i)
-    change: dict[int, int] = {}
-    for key, (start, size) in meter.created.items():
-        end = max(last_use[h] for h in meter.holders[key])
-        change[start] = change.get(start, 0) + size
-        change[end + 1] = change.get(end + 1, 0) - size
-    peak = held = 0
-    for i in sorted(change):
-        held += change[i]
-        peak = max(peak, held)
-    return peak
+    def peak(self) -> int:
+        """Bytes held at once, at the worst node."""
+        change: dict[int, int] = {}
+        for size, start, end in self.spans.values():
+            change[start] = change.get(start, 0) + size
+            change[end + 1] = change.get(end + 1, 0) - size
+        peak = held = 0
+        for i in sorted(change):
+            held += change[i]
+            peak = max(peak, held)
+        return peak
 
 
 def measure(
-    module: torch.fx.GraphModule,
-    inputs: Callable[[], tuple[Tensor, ...]],
-    rows: int,
-    max_bytes: int,
+    module: torch.fx.GraphModule, inputs: Callable[[], tuple[Tensor, ...]], max_bytes: int
 ) -> Cost:
-    """Run `module` on fake `inputs()` (built inside the fake mode, `rows` rows each); raise
-    CostError past `max_bytes` held at once or MAX_CALL_FLOPS."""
+    """Run `module` on fake `inputs()` (built inside the fake mode); raise CostError past
+    `max_bytes` held at once or MAX_CALL_FLOPS."""
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), FlopCounterMode(display=False) as flops:
             meter = _Meter(module, max_bytes)
@@ -122,7 +113,7 @@ def measure(
             f"its sizes cannot be computed from the input shapes alone "
             f"({type(exc).__name__}: {str(exc)[:200]})"
         ) from None
-    cost = Cost(rows=rows, peak_bytes=_peak(meter, module.graph), flops=flops.get_total_flops())
+    cost = Cost(peak_bytes=meter.peak(), flops=flops.get_total_flops())
     if cost.peak_bytes > max_bytes:
         raise CostError(f"it holds {cost.peak_bytes} bytes at once, above {max_bytes}")
     if cost.flops > MAX_CALL_FLOPS:

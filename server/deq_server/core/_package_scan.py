@@ -92,7 +92,8 @@ _EXPR_TOKEN = re.compile(
 )
 _EXPR_NAMES = {
     "Symbol", "Integer", "Float", "Rational", "Add", "Mul", "Max", "Min", "Eq", "Ne",
-    "Lt", "Le", "Gt", "Ge", "GreaterThan", "LessThan", "StrictGreaterThan", "StrictLessThan", "And", "Or", "Not", "Mod", "FloorDiv", "CeilToInt", "PythonMod",
+    "Lt", "Le", "Gt", "Ge", "GreaterThan", "LessThan", "StrictGreaterThan", "StrictLessThan",
+    "And", "Or", "Not", "Mod", "FloorDiv", "CeilToInt", "PythonMod",
     "ModularIndexing", "CleanDiv", "IntTrueDiv", "FloatTrueDiv", "TruncToInt", "ToFloat",
     "Identity", "Pow", "oo", "True", "False", "positive", "negative", "nonnegative",
     "nonpositive", "integer", "real", "finite", "infinite", "zero", "nonzero", "commutative",

@@ -95,9 +95,15 @@ _INT32_MAX = 2**31 - 1
 
 
 def _number(
-    kind: type, *, low: float, high: float = float("inf"), what: str = ""
+    kind: type,
+    *,
+    low: float,
+    high: float = math.inf,
+    what: str = "",
+    low_open: bool = False,
 ) -> Callable[[str], Any]:
-    """An argparse type: `kind` parsed from text, finite, within [low, high]."""
+    """An argparse type: `kind` parsed from text, finite, within [low, high] (or (low, high]
+    with `low_open`)."""
     noun = "an integer" if kind is int else "a number"
 
     def parse(text: str) -> Any:
@@ -105,34 +111,23 @@ def _number(
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
-        if not math.isfinite(value) or not low <= value <= high:
-            bound = f"at least {low}" if high == float("inf") else f"{low} to {high}"
+        below = value <= low if low_open else value < low
+        if not math.isfinite(value) or below or value > high:
+            if low_open:
+                bound = f"> {low}" + ("" if high == math.inf else f" (at most {high})")
+            else:
+                bound = f"at least {low}" if high == math.inf else f"{low} to {high}"
             raise argparse.ArgumentTypeError(f"must be {what or noun} {bound}, got {text!r}")
         return value
 
     return parse
 
 
-def _positive(noun: str, high: float = math.inf) -> Callable[[str], float]:
-    """A parser of finite numbers in (0, high], naming `noun` in its errors."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
-        if not (math.isfinite(value) and 0 < value <= high):
-            limit = "" if high == math.inf else f" (at most {high:g})"
-            raise argparse.ArgumentTypeError(
-                f"must be a finite {noun.removeprefix('a ')} > 0{limit}, got {text!r}"
-            )
-        return value
-
-    return parse
-
-
-_seconds = _positive("a number of seconds", _INT32_MAX // 1000)  # gRPC takes milliseconds, int32
-_tolerance = _positive("a number")
+# gRPC takes milliseconds as an int32
+_seconds = _number(
+    float, low=0, low_open=True, high=_INT32_MAX // 1000, what="a finite number of seconds"
+)
+_tolerance = _number(float, low=0, low_open=True, what="a finite number")
 
 
 def _address(text: str, *, optional: bool = False) -> str:
@@ -289,8 +284,6 @@ def parse_config(
     args = argparse.Namespace(**values)
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
-    if args.max_infer_streams < 0:
-        parser.error("--max-infer-streams must be 0 (automatic) or more")
     if 0 < args.max_concurrent_rpcs <= args.max_infer_streams:
         parser.error(
             "--max-infer-streams must be below --max-concurrent-rpcs, or InferStreams "

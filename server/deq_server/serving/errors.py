@@ -119,26 +119,21 @@ def streaming(
 def streaming_writes(
     method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[None]],
 ) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[None]]:
-    """Map exceptions of a streaming handler that sends with `context.write` (so that it can
-    bound how long one write may wait) to gRPC statuses."""
+    """`unary`'s mapping, for a streaming handler that sends with `context.write` (so that it
+    can bound how long one write waits), where the status itself may not be sendable."""
+    handler = unary(method)
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
         try:
-            await method(self, request, context)
+            await handler(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:
-            code, message = status_of(exc)
-            try:
-                await context.abort(code, message)
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                # gRPC sends no status while an earlier answer still waits for the client to
-                # read it; the handler ends anyway, and the transport ends the stream at the
-                # client's deadline or disconnection.
-                log.warning("stream ended without a status (the client reads nothing): %s", message)
-                raise asyncio.CancelledError from None
+        except Exception:
+            # gRPC sends no status while an earlier answer still waits for the client to read
+            # it; the handler ends anyway, and the transport ends the stream at the client's
+            # deadline or disconnection.
+            log.warning("a stream ended without a status: its client reads nothing")
+            raise asyncio.CancelledError from None
 
     return wrapper
