@@ -3,6 +3,7 @@ line and a non-zero exit; gRPC's default SO_REUSEPORT never lets two servers sha
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -63,3 +64,12 @@ def test_start_server_refuses_a_busy_address_in_process(first, which):
         running_server(**{which: f"127.0.0.1:{busy}"}),
     ):
         pass
+
+
+def test_the_grpc_port_is_not_open_to_a_socket_with_so_reuseport(first):
+    """With gRPC's default SO_REUSEPORT on the server's socket, any later socket that sets it
+    too (as a second gRPC server does) would bind the same port and share its connections."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with pytest.raises(OSError, match="in use"):
+            other.bind(("127.0.0.1", first.port))
