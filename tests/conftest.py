@@ -1,6 +1,8 @@
-"""Shared fixtures: deterministic seeds for every test."""
+"""Shared fixtures: deterministic seeds for every test, and a private per-user data directory."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -14,3 +16,10 @@ def _seed() -> None:
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_data_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Servers started without --model-dir use $XDG_DATA_HOME/deq-serve/models: one folder
+    for the session (subprocesses inherit it), never the real home's."""
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("data-home"))

@@ -34,12 +34,17 @@ def test_environment_sets_every_kind_of_field_and_flags_win():
     assert parse_config(["--max-batch", "9"], env=env).max_batch == 9
 
 
-def test_defaults_serve_the_demo_on_loopback():
-    config = parse_config([], env={})
-    assert config == ServerConfig()
+def test_defaults_serve_the_demo_on_loopback_from_a_per_user_model_dir():
+    config = parse_config([], env={"XDG_DATA_HOME": "/data/home"})
+    assert config == ServerConfig(model_dir=Path("/data/home/deq-serve/models"))
     assert config.address == "127.0.0.1:50051"
     assert config.metrics_address == "127.0.0.1:9090"
-    assert config.model_dir is None
+    # XDG: a relative or empty XDG_DATA_HOME is ignored, in favour of ~/.local/share
+    fallback = Path.home() / ".local" / "share" / "deq-serve" / "models"
+    for env in ({}, {"XDG_DATA_HOME": ""}, {"XDG_DATA_HOME": "relative/dir"}):
+        assert parse_config([], env=env).model_dir == fallback
+    # an empty value means no model directory at all
+    assert parse_config(["--model-dir", ""], env={}).model_dir is None
 
 
 def test_every_field_has_a_flag_and_an_environment_variable(capsys):
@@ -208,6 +213,8 @@ def test_help_shows_every_default(capsys):
     for f in fields(ServerConfig):
         value = getattr(defaults, f.name)
         shown = "none" if value is None else ("''" if value == "" else str(value))
+        if f.name == "model_dir":
+            shown = "$XDG_DATA_HOME/deq-serve/models, else ~/.local/share/deq-serve/models"
         if isinstance(value, bool):
             shown = "on" if value else "off"
         assert f"(default: {shown}; env {env_name(f.name)})" in text, f.name

@@ -63,10 +63,10 @@ def test_publishing_keeps_the_newest_versions_and_lets_the_others_go(tmp_path):
 def test_start_loads_only_the_newest_versions(tmp_path):
     versions_on_disk(tmp_path, 4)
     registry = Registry(torch.device("cpu"), torch.float32, keep_versions=2)
-    registry.load_all(tmp_path)
+    registry.load_all(tmp_path, {})
     assert registry.models["m"].ordered_versions() == ["3", "4"]
     keep_all = Registry(torch.device("cpu"), torch.float32)
-    keep_all.load_all(tmp_path)
+    keep_all.load_all(tmp_path, {})
     assert keep_all.models["m"].ordered_versions() == ["1", "2", "3", "4"]
 
 
@@ -108,19 +108,34 @@ def test_commits_unload_old_versions_which_stay_on_disk_and_can_be_loaded_again(
                 if ln.startswith("deq_model_info{")
             ]
         assert sorted(ln.split('version="')[1].split('"')[0] for ln in info_series) == ["3", "4"]
-        # Files of every version stay; LoadModel serves an unloaded one again, as the newest.
+        # Files of every version stay; LoadModel of an unloaded version's file serves it again
+        # under its own number, beside the newest (which unpinned requests keep getting).
         assert (tmp_path / "digits.safetensors").is_file()
         assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == [
             "2.safetensors",
             "3.safetensors",
             "4.safetensors",
         ]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Infer(pb.InferRequest(model="digits", version="2", input=digits_tensor(1)))
+        assert "LoadModel of 'digits/2.safetensors' serves it again as version 2" in (
+            err.value.details()
+        )
         stub.LoadModel(pb.LoadModelRequest(name="digits", path="digits/2.safetensors"), timeout=60)
         info = stub.GetModel(pb.GetModelRequest(name="digits"), timeout=60).model
-        assert list(info.versions) == ["4", "5"]
+        assert list(info.versions) == ["2", "4"]
         assert (
-            stub.Infer(pb.InferRequest(model="digits", input=digits_tensor(1))).model_version == "5"
+            stub.Infer(pb.InferRequest(model="digits", input=digits_tensor(1))).model_version == "4"
         )
+        pinned = pb.InferRequest(model="digits", version="2", input=digits_tensor(1))
+        assert stub.Infer(pinned).model_version == "2"
+        stub.LoadModel(pb.LoadModelRequest(name="digits", path="digits.safetensors"), timeout=60)
+        info = stub.GetModel(pb.GetModelRequest(name="digits"), timeout=60).model
+        assert list(info.versions) == ["1", "4"]
+        # A file that was never this model's version N gets a new number, never a used one.
+        shutil.copy(tmp_path / "digits.safetensors", tmp_path / "copy.safetensors")
+        copy = stub.LoadModel(pb.LoadModelRequest(name="digits", path="copy.safetensors"))
+        assert list(copy.model.versions) == ["4", "5"]
 
 
 def test_a_call_in_flight_finishes_on_the_version_unloaded_under_it(tmp_path):

@@ -47,14 +47,20 @@ def test_load_model_numbers_start_above_the_versions_on_disk(tmp_path: Path) -> 
     (tmp_path / "digits").mkdir()
     for n in (1, 2, 7):
         shutil.copy(DIGITS, tmp_path / "digits" / f"{n}.safetensors")
+    shutil.copy(DIGITS, tmp_path / "spare.safetensors")
     with (
         running_server(model_dir=tmp_path, keep_versions=1) as server,
         channel_to(server) as channel,
     ):
         stub = deq_pb2_grpc.DEQServiceStub(channel)
         stub.UnloadModel(pb.UnloadModelRequest(name="digits"))
+        # a version's own file comes back under its number; any other file gets a new one
         info = stub.LoadModel(pb.LoadModelRequest(name="digits", path="digits/1.safetensors"))
+        assert list(info.model.versions) == ["1"]
+        info = stub.LoadModel(pb.LoadModelRequest(name="digits", path="spare.safetensors"))
         assert list(info.model.versions) == ["8"]
+        info = stub.LoadModel(pb.LoadModelRequest(name="digits", path="digits/7.safetensors"))
+        assert list(info.model.versions) == ["7"]
 
 
 def test_temp_files_of_a_killed_commit_are_removed_at_start(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from prometheus_client import start_http_server
 from deq_client.pb.deq.v1 import deq_pb2, deq_pb2_grpc
 from deq_client.pb.inference import grpc_service_pb2 as oip_pb2
 from deq_client.pb.inference import grpc_service_pb2_grpc as oip_grpc
+from deq_server.models import bundled_checkpoints
 
 from .auth import TokenAuthInterceptor, split_tokens
 from .config import ServerConfig, parse_config
@@ -169,7 +170,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         min_tol=config.min_tol,
         on_evict=lambda name, version: metrics.model_info.remove(name, version, str(device)),
     )
-    registry.load_all(config.model_dir)
+    registry.load_all(config.model_dir, bundled_checkpoints())
     for name, served in registry.models.items():
         for version in served.versions:
             metrics.model_info.labels(name, version, str(registry.device)).set(1)

@@ -18,7 +18,7 @@ class ServerConfig:
 
     address: str = "127.0.0.1:50051"
     metrics_address: str = "127.0.0.1:9090"
-    model_dir: Path | None = None
+    model_dir: Path | None = None  # none: the demo only; parse_config defaults to default_model_dir
     device: str = "auto"
     dtype: str = "float32"
     max_message_bytes: int = 64 * 2**20
@@ -54,7 +54,7 @@ class ServerConfig:
 _HELP = {
     "address": "gRPC listen address HOST:PORT (port 0 picks a free one)",
     "metrics_address": "Prometheus /metrics listen address HOST:PORT (empty disables it)",
-    "model_dir": "folder of .safetensors checkpoints and .pt2 packages; with none there, the bundled demo is served",
+    "model_dir": "folder of .safetensors checkpoints and .pt2 packages, where Train publishes; created if missing, and one holding no checkpoint gets the bundled demo as version 1 (empty: no folder, the demo only and no Train)",
     "device": "auto (CUDA when available, else CPU), cpu, cuda or cuda:N",
     "dtype": "float32 or float64 for the served weights",
     "max_message_bytes": "largest gRPC message accepted or sent",
@@ -206,6 +206,20 @@ def env_name(field: str) -> str:
     return "DEQ_" + field.upper()
 
 
+def default_model_dir(env: Mapping[str, str]) -> Path:
+    """The model directory when neither --model-dir nor DEQ_MODEL_DIR names one: the per-user
+    data directory of the XDG base-directory convention, so that Train has a place to publish."""
+    base = env.get("XDG_DATA_HOME", "")
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".local" / "share"
+    return root / "deq-serve" / "models"
+
+
+# Defaults that depend on the environment, as --help shows them.
+_SHOWN_DEFAULTS = {
+    "model_dir": "$XDG_DATA_HOME/deq-serve/models, else ~/.local/share/deq-serve/models"
+}
+
+
 def _shown(value: object) -> str:
     if value is None:
         return "none"
@@ -225,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(ServerConfig):
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
-        text = f"{_HELP[f.name]} (default: {_shown(default)}; env {env_name(f.name)})"
+        shown = _SHOWN_DEFAULTS.get(f.name) or _shown(default)
+        text = f"{_HELP[f.name]} (default: {shown}; env {env_name(f.name)})"
         if isinstance(default, bool):
             parser.add_argument(
                 flag,
@@ -279,6 +294,8 @@ def parse_config(
             values[f.name] = given[f.name]
         elif (raw := env.get(env_name(f.name))) is not None:
             values[f.name] = _from_environment(parser, f.name, raw)
+        elif f.name == "model_dir":
+            values[f.name] = default_model_dir(env)
         else:
             values[f.name] = getattr(defaults, f.name)
     args = argparse.Namespace(**values)

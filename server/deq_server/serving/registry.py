@@ -1,27 +1,25 @@
 """Served models and their published versions, loaded from the model directory at start.
 
-Layout of the model directory: `<name>.safetensors` or `<name>.pt2` (an exported package) is
-version 1 of `<name>`; `<name>/<N>.safetensors` or `<name>/<N>.pt2` is version N (both files for
-one version: ambiguous, logged and skipped). With no checkpoint there (or no directory), the bundled demo models are served.
-A checkpoint that fails to load is logged and skipped: the other models keep serving.
+The directory's layout is model_store's. A directory holding no checkpoint is seeded with the
+bundled demo models as their version 1 (where it cannot be written, they are served from the
+package). A checkpoint that fails to load is logged and skipped: the other models keep serving.
 
-Memory stays bounded however many versions training publishes: only the newest `keep_versions`
-of each model stay loaded (like Triton's `latest` version policy). Older versions keep their files
-and answer NOT_FOUND saying they were unloaded; LoadModel serves such a file again.
+Memory stays bounded however many versions training publishes: only `keep_versions` of each
+model stay loaded (like Triton's `latest` version policy: the newest, or the one just loaded
+and the newest others). The others keep their files and answer NOT_FOUND saying they were
+unloaded; LoadModel of `<name>/<N>.safetensors` serves version N again under its own number.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from deq_server.core import (
-    CHECKPOINT_SUFFIXES,
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ROWS,
     CheckpointError,
@@ -31,12 +29,11 @@ from deq_server.core import (
     checked_probe,
     load_checkpoint,
 )
-from deq_server.models import bundled_checkpoints
 
 from .errors import NotFoundError, invalid
+from .model_store import discover, remove_stale_temp_files, seed_with
 
 log = logging.getLogger("deq_server.registry")
-_VERSION_FILE = re.compile(r"^(\d+)\.(?:safetensors|pt2)$")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,67 +66,6 @@ class ServedModel:
 
     def ordered_versions(self) -> list[str]:
         return sorted(self.versions, key=int)
-
-
-def discover(model_dir: Path | None) -> dict[str, dict[str, Path]]:
-    """name -> version -> checkpoint path, from the directory layout above."""
-    found: dict[str, dict[str, Path]] = {}
-    ambiguous: set[tuple[str, str]] = set()
-
-    if model_dir is None or not model_dir.is_dir():
-        return found
-    root = model_dir.resolve()
-
-    def note(name: str, version: str, path: Path) -> None:
-        # Confined as LoadModel is: a link may not leave the directory, and only regular
-        # files count (a FIFO or a device would hang or never end).
-        if not path.resolve().is_relative_to(root):
-            log.error("skipping %s: it links outside the model directory", path)
-            return
-        if not path.is_file():
-            log.error("skipping %s: not a regular file", path)
-            return
-        if version in found.setdefault(name, {}):
-            ambiguous.add((name, version))
-        found[name][version] = path
-
-    for path in sorted(model_dir.iterdir()):
-        if path.suffix in CHECKPOINT_SUFFIXES:
-            note(path.stem, "1", path)
-    for folder in sorted(p for p in model_dir.iterdir() if p.is_dir()):
-        if not folder.resolve().is_relative_to(root):
-            log.error("skipping %s: it links outside the model directory", folder)
-            continue
-        for path in sorted(folder.iterdir()):
-            match = _VERSION_FILE.match(path.name)
-            if match:
-                note(folder.name, str(int(match.group(1))), path)
-    for name, version in sorted(ambiguous):
-        log.error("skipping %s version %s: more than one checkpoint file for it", name, version)
-        del found[name][version]
-    return {name: versions for name, versions in found.items() if versions}
-
-
-# What `atomic_write` names its temp files: `.<target name>.<random>.tmp` beside the target.
-_TEMP_FILE = re.compile(r"^\..+\.(?:safetensors|pt2)\.[A-Za-z0-9_]+\.tmp$")
-
-
-def remove_stale_temp_files(model_dir: Path | None) -> list[Path]:
-    """Delete the temp files of interrupted commits (a SIGKILL mid-save) in the model directory
-    and its version folders; call at start, before any commit can be in flight."""
-    if model_dir is None or not model_dir.is_dir():
-        return []
-    removed = []
-    for folder in [
-        model_dir,
-        *(p for p in model_dir.iterdir() if p.is_dir() and not p.is_symlink()),
-    ]:
-        for path in folder.iterdir():
-            if _TEMP_FILE.match(path.name) and path.is_file() and not path.is_symlink():
-                path.unlink(missing_ok=True)
-                removed.append(path)
-                log.warning("removed %s, left by an interrupted commit", path)
-    return removed
 
 
 class Registry:
@@ -165,10 +101,10 @@ class Registry:
         self.failed: dict[str, str] = {}
         self.on_change: Callable[[], None] | None = None  # after a model is served or unloaded
         self._reserved: dict[str, set[int]] = {}
-        # The highest version of each name ever served in this process: numbers are never
-        # handed out twice, even after UnloadModel (a client pinned to "1" must not get
-        # answers from another checkpoint).
-        self._highest: dict[str, int] = {}
+        # The file each version number of each name was served from in this process: a number
+        # is never given to another file, even after UnloadModel (a client pinned to "1" must
+        # not get answers from another checkpoint), but its own file may come back under it.
+        self._sources: dict[str, dict[int, Path]] = {}
 
     @property
     def training_sessions(self) -> int:
@@ -176,23 +112,31 @@ class Registry:
         return sum(served.training for served in self.models.values())
 
     def reserve_version(self, name: str, model_dir: Path | None, path: Path | None = None) -> str:
-        """The next version number of `name`, past every served, on-disk, reserved or ever
-        served one; or, when `path` is the on-disk file of version N of `name` and no version N
-        or later was served yet, N itself (loading `copy.safetensors` as `copy` gives "1").
+        """The version number a publication of `name` gets: when `path` is the on-disk file of
+        version N of `name` (`<name>/<N>.safetensors`, or `<name>.safetensors` for 1), N itself,
+        unless N is served or reserved now or was served from another file; otherwise the next
+        number past every served, on-disk, reserved or ever served one.
 
         Call on the event loop before any await; `release` it once published or abandoned, so
         two concurrent publications never share a number or overwrite a file.
         """
         used = self._reserved.setdefault(name, set())
+        sources = self._sources.get(name, {})
         on_disk = discover(model_dir).get(name, {})
         served = self.models[name].versions if name in self.models else {}
-        taken = (*map(int, served), *used, self._highest.get(name, 0))
         if path is not None:
             for number, file in on_disk.items():
-                if file.resolve() == path.resolve() and int(number) > max(taken, default=0):
-                    used.add(int(number))
+                n = int(number)
+                if (
+                    file.resolve() == path.resolve()
+                    and number not in served
+                    and n not in used
+                    and sources.get(n, file).resolve() == file.resolve()
+                ):
+                    used.add(n)
                     return number
-        version = 1 + max((*taken, *map(int, on_disk)), default=0)
+        taken = (*map(int, served), *used, *sources, *map(int, on_disk))
+        version = 1 + max(taken, default=0)
         used.add(version)
         return str(version)
 
@@ -242,17 +186,19 @@ class Registry:
 
     def publish(self, name: str, entry: ModelVersion) -> list[str]:
         """Serve a new version (one dict assignment: readers see the old or the new, never a mix),
-        then unload the versions past the newest `keep_versions`; returns those unloaded.
+        then unload all but `keep_versions`: this one and the newest others; returns those
+        unloaded.
 
         Calls already holding an unloaded version finish with it: only the registry lets go.
         """
         served = self.models.setdefault(name, ServedModel(name))
         served.versions[entry.version] = entry
-        self._highest[name] = max(self._highest.get(name, 0), int(entry.version))
+        self._sources.setdefault(name, {})[int(entry.version)] = entry.path
         self.failed.pop(name, None)
-        evicted = (
-            [] if self.keep_versions is None else served.ordered_versions()[: -self.keep_versions]
-        )
+        evicted = []
+        if self.keep_versions is not None:
+            others = [v for v in served.ordered_versions() if v != entry.version]
+            evicted = others[: max(0, len(others) - (self.keep_versions - 1))]
         for version in evicted:
             del served.versions[version]
             if self.on_evict is not None:
@@ -277,13 +223,16 @@ class Registry:
             return False, f"checkpoints failed to load (--strict-readiness): {sorted(self.failed)}"
         return True, ""
 
-    def load_all(self, model_dir: Path | None) -> None:
-        """Load every checkpoint of the directory, or the bundled demos when it holds none.
-        Temp files a killed commit left behind are removed first."""
+    def load_all(self, model_dir: Path | None, bundled: Mapping[str, Path]) -> None:
+        """Load every checkpoint of the directory, seeding an empty one with `bundled` (name ->
+        file) first; serve `bundled` from where it lies when there is no directory or it cannot
+        be written. Temp files a killed commit left behind are removed first."""
         remove_stale_temp_files(model_dir)
+        if model_dir is not None:
+            seed_with(model_dir, bundled)
         found = discover(model_dir)
         if not found:
-            found = {name: {"1": path} for name, path in bundled_checkpoints().items()}
+            found = {name: {"1": path} for name, path in bundled.items()}
             where = "no --model-dir" if model_dir is None else f"no checkpoint in {model_dir}"
             log.info("%s: serving the bundled models %s", where, sorted(found))
         for name, versions in found.items():
@@ -315,16 +264,18 @@ class Registry:
         entry = served.versions.get(version)
         if entry is None:
             loaded = served.ordered_versions()
-            if (
-                self.keep_versions
-                and loaded
-                and version.isdigit()
-                and int(version) < int(loaded[0])
-            ):
+            source = self._sources.get(name, {}).get(int(version))
+            if source is not None or (self.keep_versions and int(version) < int(loaded[0])):
+                file = "its file" if source is None else repr(_relative_name(name, source))
                 raise NotFoundError(
-                    f"version {version!r} of model {name!r} is not loaded: the server keeps the "
-                    f"newest {self.keep_versions} versions in memory (--keep-versions), now "
-                    f"{loaded}; its checkpoint stays on disk, and LoadModel serves it again"
+                    f"version {version!r} of model {name!r} is not loaded: the server keeps "
+                    f"{self.keep_versions} versions of each model in memory (--keep-versions), "
+                    f"now {loaded}; LoadModel of {file} serves it again as version {version}"
                 )
             raise NotFoundError(f"model {name!r} has no version {version!r}; versions: {loaded}")
         return served, entry
+
+
+def _relative_name(name: str, path: Path) -> str:
+    """How LoadModel names a version file: `<name>/<N>.<suffix>` or a top-level file."""
+    return f"{name}/{path.name}" if path.parent.name == name else path.name

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -226,6 +227,10 @@ class TrainSession:
             raise FailedPreconditionError(
                 "the server has no --model-dir to publish trained models into"
             )
+        if not (server.model_dir.is_dir() and os.access(server.model_dir, os.W_OK)):
+            raise FailedPreconditionError(
+                "the server's --model-dir is not a writable folder: nothing could be published"
+            )
         served, version = registry.resolve(config.model, config.version)
         if served.training:
             raise FailedPreconditionError(f"model {served.name!r} is already being trained")
@@ -383,7 +388,6 @@ class TrainSession:
         """Save atomically as `version` (reserved by the caller) and load it back (worker thread)."""
         assert self.server.model_dir is not None
         folder = Path(self.server.model_dir) / self.publish_as
-        folder.mkdir(parents=True, exist_ok=True)
         suffix = ".pt2" if isinstance(self.model.layer, ExportedLayer) else ".safetensors"
         path = folder / f"{version}{suffix}"
         if path.exists() or not folder.resolve().is_relative_to(
@@ -393,9 +397,16 @@ class TrainSession:
                 f"refusing to write {path}: it exists or leaves the model dir"
             )
         model = self.model.eval().cpu()
-        save_checkpoint(
-            model, path, metadata={"steps": str(self.steps)}, parent=str(self.source.path)
-        )
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(
+                model, path, metadata={"steps": str(self.steps)}, parent=str(self.source.path)
+            )
+        except OSError as exc:  # a full disk, a folder made read-only since the start
+            raise FailedPreconditionError(
+                f"could not write {self.publish_as}/{path.name} into the model directory: "
+                f"{exc.strerror or type(exc).__name__}"
+            ) from None
         return Published(
             self.publish_as, self.registry.load_version(str(version), path), self.steps
         )
