@@ -9,34 +9,22 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal, TypedDict, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import numpy as np
 
 from deq_client._errors import InvalidArgumentError, InvalidArgumentTypeError
 from deq_client._tensor import TensorLike, as_numpy, dtype_name, to_proto
 from deq_client.pb.deq.v1 import deq_pb2 as pb
-
-Method = Literal["picard", "anderson", "broyden"]
-StopMode = Literal["abs", "rel"]
-
-METHODS: dict[str, pb.SolverMethod.ValueType] = {
-    "picard": pb.SOLVER_METHOD_PICARD,
-    "anderson": pb.SOLVER_METHOD_ANDERSON,
-    "broyden": pb.SOLVER_METHOD_BROYDEN,
-}
-STOP_MODES: dict[str, pb.StopMode.ValueType] = {"abs": pb.STOP_MODE_ABS, "rel": pb.STOP_MODE_REL}
-OPTIMIZERS: dict[str, pb.Optimizer.ValueType] = {
-    "adam": pb.OPTIMIZER_ADAM,
-    "adamw": pb.OPTIMIZER_ADAMW,
-    "sgd": pb.OPTIMIZER_SGD,
-}
-LOSSES: dict[str, pb.Loss.ValueType] = {"mse": pb.LOSS_MSE, "cross_entropy": pb.LOSS_CROSS_ENTROPY}
-GRADIENT_MODES: dict[str, pb.GradientMode.ValueType] = {
-    "ift": pb.GRADIENT_MODE_IFT,
-    "phantom": pb.GRADIENT_MODE_PHANTOM,
-    "jfb": pb.GRADIENT_MODE_JFB,
-}
+from deq_client.wire import (
+    GRADIENT_MODES,
+    LOSSES,
+    METHODS,
+    OPTIMIZERS,
+    STOP_MODES,
+    Method,
+    StopMode,
+)
 
 _UINT32_MAX = 2**32 - 1
 

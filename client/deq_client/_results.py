@@ -11,21 +11,15 @@ import numpy as np
 import numpy.typing as npt
 
 from deq_client._errors import DEQError, MalformedResponseError, status_code
-from deq_client._requests import METHODS, STOP_MODES, InferOptions
+from deq_client._requests import InferOptions
 from deq_client._tensor import dtype_name, from_proto
 from deq_client.pb.deq.v1 import deq_pb2 as pb
-
-_METHOD_NAMES = {value: name for name, value in METHODS.items()}
-_STOP_MODE_NAMES = {value: name for name, value in STOP_MODES.items()}
-_STATUS_PREFIX = "SAMPLE_STATUS_"
+from deq_client.wire import METHODS, STATUSES, STOP_MODES, name_of
 
 
 def status_name(value: int) -> str:
     """``"CONVERGED"`` for ``SAMPLE_STATUS_CONVERGED``; values this SDK does not know read ``"UNKNOWN_7"``."""
-    try:
-        return pb.SampleStatus.Name(value).removeprefix(_STATUS_PREFIX)  # type: ignore[arg-type]
-    except ValueError:
-        return f"UNKNOWN_{value}"
+    return name_of(STATUSES, value) or f"UNKNOWN_{value}"
 
 
 @dataclass(frozen=True)
@@ -95,10 +89,11 @@ def solver_defaults(options: pb.SolverOptions) -> InferOptions:
         defaults["tol"] = options.tol
     if options.HasField("max_iter"):
         defaults["max_iter"] = options.max_iter
-    if options.method in _METHOD_NAMES:
-        defaults["method"] = _METHOD_NAMES[options.method]  # type: ignore[typeddict-item]
-    if options.stop_mode in _STOP_MODE_NAMES:
-        defaults["stop_mode"] = _STOP_MODE_NAMES[options.stop_mode]  # type: ignore[typeddict-item]
+    method, stop_mode = name_of(METHODS, options.method), name_of(STOP_MODES, options.stop_mode)
+    if method is not None:
+        defaults["method"] = method  # type: ignore[typeddict-item]
+    if stop_mode is not None:
+        defaults["stop_mode"] = stop_mode  # type: ignore[typeddict-item]
     if options.allow_partial:
         defaults["allow_partial"] = True
     if options.HasField("budget_ms"):

@@ -1,5 +1,7 @@
 """numpy <-> ``deq.v1.Tensor``: dtype enum, shape, raw little-endian row-major bytes.
 
+The dtypes and their wire bytes are ``deq_client.wire.DTYPES``, the table the server decodes with.
+
 Encoding validates the value before any RPC; decoding checks ``len(data) == prod(shape) *
 itemsize`` before it allocates anything. torch tensors are accepted by duck typing (anything with
 ``.detach().cpu().numpy()``), so this module never imports torch.
@@ -19,6 +21,7 @@ import numpy.typing as npt
 
 from deq_client._errors import InvalidArgumentError, MalformedResponseError
 from deq_client.pb.deq.v1 import deq_pb2 as pb
+from deq_client.wire import DTYPES
 
 
 class SupportsDetach(Protocol):
@@ -32,34 +35,14 @@ class SupportsDetach(Protocol):
 TensorLike: TypeAlias = npt.ArrayLike | SupportsDetach
 """What the SDK accepts as a tensor: numpy arrays, nested sequences, scalars, torch tensors."""
 
-_WIRE_DTYPES: dict[int, np.dtype[Any]] = {
-    pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
-    pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
-    pb.DATA_TYPE_FLOAT16: np.dtype("<f2"),
-    pb.DATA_TYPE_INT64: np.dtype("<i8"),
-    pb.DATA_TYPE_BFLOAT16: np.dtype("<u2"),  # the bit pattern; decoded to float32
-}
-_BY_KIND: dict[tuple[str, int], pb.DataType.ValueType] = {
-    ("f", 4): pb.DATA_TYPE_FLOAT32,
-    ("f", 8): pb.DATA_TYPE_FLOAT64,
-    ("f", 2): pb.DATA_TYPE_FLOAT16,
-    ("i", 8): pb.DATA_TYPE_INT64,
-}
-DTYPE_NAMES: dict[int, str] = {
-    pb.DATA_TYPE_FLOAT32: "float32",
-    pb.DATA_TYPE_FLOAT64: "float64",
-    pb.DATA_TYPE_FLOAT16: "float16",
-    pb.DATA_TYPE_BFLOAT16: "bfloat16",
-    pb.DATA_TYPE_INT64: "int64",
-}
-"""Wire dtype enum -> the numpy-style name users see (``ModelInfo.dtype``, error messages)."""
-
-_SUPPORTED = ", ".join(DTYPE_NAMES.values())
+_BY_NAME: dict[str, pb.DataType.ValueType] = {d.name: d.code for d in DTYPES.values()}
+"""numpy dtype name -> wire dtype (``"bfloat16"`` is ml_dtypes' name)."""
+_SUPPORTED = ", ".join(d.name for d in DTYPES.values())
 
 
 def dtype_name(value: int) -> str:
     """The name of a wire dtype enum value, e.g. ``"float32"``; unknown values read ``"unknown(7)"``."""
-    return DTYPE_NAMES.get(value, f"unknown({value})")
+    return DTYPES[value].name if value in DTYPES else f"unknown({value})"
 
 
 def as_numpy(value: TensorLike, name: str = "tensor") -> tuple[npt.NDArray[Any], bool]:
@@ -108,15 +91,15 @@ def to_proto(value: TensorLike, name: str = "tensor") -> pb.Tensor:
         return pb.Tensor(
             dtype=pb.DATA_TYPE_BFLOAT16,
             shape=array.shape,
-            data=bits.astype("<u2").tobytes(order="C"),
+            data=bits.astype(DTYPES[pb.DATA_TYPE_BFLOAT16].storage).tobytes(order="C"),
         )
-    wire = _BY_KIND.get((array.dtype.kind, array.dtype.itemsize))
+    wire = _BY_NAME.get(array.dtype.name)
     if wire is None:
         hint = " (cast with .astype(np.int64))" if array.dtype.kind in "iub" else ""
         raise InvalidArgumentError(
             f"{name}: dtype {array.dtype} is not supported{hint}; expected one of {_SUPPORTED}"
         )
-    data = array.astype(_WIRE_DTYPES[wire], copy=False).tobytes(order="C")
+    data = array.astype(DTYPES[wire].storage, copy=False).tobytes(order="C")
     return pb.Tensor(dtype=wire, shape=array.shape, data=data)
 
 
@@ -127,28 +110,28 @@ def from_proto(tensor: pb.Tensor, name: str = "tensor") -> npt.NDArray[Any]:
     a mismatch raises ``MalformedResponseError`` (a ``DEQError``, code INTERNAL, and a
     ``ValueError``) naming the field and both numbers.
     """
-    wire_dtype = _WIRE_DTYPES.get(tensor.dtype)
-    if wire_dtype is None:
+    if tensor.dtype not in DTYPES:
         raise MalformedResponseError(
             f"{name}.dtype: {dtype_name(tensor.dtype)} is not a tensor dtype; "
             f"expected one of {_SUPPORTED}"
         )
+    storage = DTYPES[tensor.dtype].storage
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
         raise MalformedResponseError(f"{name}.shape: dimensions must be >= 0, got {list(shape)}")
     count = math.prod(shape)
-    expected = count * wire_dtype.itemsize
+    expected = count * storage.itemsize
     data = tensor.data
     if len(data) != expected:
         raise MalformedResponseError(
             f"{name}.data: {len(data)} bytes, expected {expected} "
-            f"(shape {list(shape)} x {wire_dtype.itemsize}-byte {dtype_name(tensor.dtype)})"
+            f"(shape {list(shape)} x {storage.itemsize}-byte {dtype_name(tensor.dtype)})"
         )
-    flat = np.frombuffer(data, dtype=wire_dtype, count=count)
+    flat = np.frombuffer(data, dtype=storage, count=count)
     if tensor.dtype == pb.DATA_TYPE_BFLOAT16:
         values = (flat.astype(np.uint32) << np.uint32(16)).view(np.float32)
     else:
-        values = flat.astype(wire_dtype.newbyteorder("="))
+        values = flat.astype(storage.newbyteorder("="))
     try:
         return values.reshape(shape)
     except ValueError as error:  # e.g. a zero-size shape whose other dimensions overflow

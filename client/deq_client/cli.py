@@ -19,6 +19,7 @@ import numpy as np
 
 from deq_client._errors import DEQError
 from deq_client.client import DEQClient
+from deq_client.wire import METHODS, STOP_MODES
 
 
 def _client(args: argparse.Namespace) -> DEQClient:
@@ -135,8 +136,8 @@ def parser() -> argparse.ArgumentParser:
     infer.add_argument("--output", help="save the output here (.npy) instead of printing it")
     infer.add_argument("--tol", type=float)
     infer.add_argument("--max-iter", type=int)
-    infer.add_argument("--method", choices=["picard", "anderson", "broyden"])
-    infer.add_argument("--stop-mode", choices=["abs", "rel"])
+    infer.add_argument("--method", choices=list(METHODS))
+    infer.add_argument("--stop-mode", choices=list(STOP_MODES))
     infer.set_defaults(run=cmd_infer)
 
     load = sub.add_parser("load", help="serve a checkpoint of the server's model directory (admin)")

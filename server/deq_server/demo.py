@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from deq_server.core import DEQModel, Status, load_checkpoint
+from deq_server.core import METHODS, DEQModel, Status, load_checkpoint
 from deq_server.models import DEMO_MODEL, bundled_checkpoints
 
 TOLERANCES = (1e-2, 1e-4, 1e-6)
@@ -49,7 +49,7 @@ def evaluate(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="anderson", choices=["picard", "anderson", "broyden"])
+    parser.add_argument("--method", default="anderson", choices=list(METHODS))
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_checkpoint(bundled_checkpoints()[DEMO_MODEL]).eval()

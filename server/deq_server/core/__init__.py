@@ -18,7 +18,7 @@ from ._methods import METHODS
 from ._model import DEQModel, nonfinite_outputs
 from ._package import ExportedLayer, PackageError, checked_probe, export_deq
 from ._slots import Retired, SlotPool, SlotStopHook
-from ._solve import Progress, SolveResult, StopHook, solve
+from ._solve import STOP_MODES, Progress, SolveResult, StopHook, solve
 from ._status import Status
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "IFT",
     "JFB",
     "METHODS",
+    "STOP_MODES",
     "Backward",
     "CheckpointError",
     "DEQModel",

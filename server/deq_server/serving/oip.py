@@ -17,30 +17,28 @@ from typing import Any
 
 import grpc
 import numpy as np
+import torch
 from grpc_health.v1 import health_pb2
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_client.pb.inference import grpc_service_pb2 as oip
 from deq_client.pb.inference import grpc_service_pb2_grpc as oip_grpc
+from deq_client.wire import DTYPES, METHODS, STOP_MODES, WireDtype
 from deq_server import __version__
 
+from . import tensors
 from .errors import invalid, unary
 from .registry import Registry
 from .servicer import DEQServicer, model_info
-from .validate import METHODS, STOP_MODES
 
-# Input datatypes: the deq.v1 float dtypes. KServe v2 has typed contents for FP32 and FP64 only;
-# FP16 and BF16 (16-bit patterns, decoded by deq.v1) come as raw_input_contents, as in Triton.
-_WIRE = {
-    "FP32": (pb.DATA_TYPE_FLOAT32, "<f4"),
-    "FP64": (pb.DATA_TYPE_FLOAT64, "<f8"),
-    "FP16": (pb.DATA_TYPE_FLOAT16, "<f2"),
-    "BF16": (pb.DATA_TYPE_BFLOAT16, "<u2"),
-}
+# Input datatypes: the float dtypes of the wire table, by OIP name. KServe v2 has typed contents
+# for FP32 and FP64 only; FP16 and BF16 (16-bit patterns) come as raw_input_contents, as in Triton.
+_INPUTS: dict[str, WireDtype] = {d.oip: d for d in DTYPES.values() if d.code != pb.DATA_TYPE_INT64}
 _TYPED_CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents"}
-OUTPUTS = ("output", "iterations", "residual", "status")
-_METHOD_CODES = {name: code for code, name in METHODS.items()}
-_STOP_CODES = {name: code for code, name in STOP_MODES.items()}
+# The outputs and their OIP datatypes (status as INT32: the SampleStatus numbers), encoded as
+# the wire table's numpy dtypes (INT32 is the protocol's alone).
+OUTPUTS = {"output": "FP32", "iterations": "INT64", "residual": "FP64", "status": "INT32"}
+_NUMPY = {d.oip: d.storage for d in DTYPES.values()} | {"INT32": np.dtype("<i4")}
 
 
 def _value(p: oip.InferParameter) -> Any:
@@ -92,13 +90,13 @@ def solver_from_parameters(params: Any) -> pb.SolverOptions:
                 raise invalid("parameters.max_iter", "an integer in 1..2**32-1", value)
             opts.max_iter = count
         elif key == "method":
-            if value not in _METHOD_CODES:
-                raise invalid("parameters.method", f"one of {sorted(_METHOD_CODES)}", value)
-            opts.method = _METHOD_CODES[value]
+            if value not in METHODS:
+                raise invalid("parameters.method", f"one of {sorted(METHODS)}", value)
+            opts.method = METHODS[value]
         elif key == "stop_mode":
-            if value not in _STOP_CODES:
-                raise invalid("parameters.stop_mode", f"one of {sorted(_STOP_CODES)}", value)
-            opts.stop_mode = _STOP_CODES[value]
+            if value not in STOP_MODES:
+                raise invalid("parameters.stop_mode", f"one of {sorted(STOP_MODES)}", value)
+            opts.stop_mode = STOP_MODES[value]
         elif key == "allow_partial":
             if not isinstance(value, bool):
                 raise invalid("parameters.allow_partial", "a bool", value)
@@ -117,30 +115,41 @@ def input_tensor(request: oip.ModelInferRequest) -> pb.Tensor:
     if len(request.inputs) != 1:
         raise invalid("inputs", "exactly one input tensor", len(request.inputs))
     tensor = request.inputs[0]
-    if tensor.datatype not in _WIRE:
-        raise invalid("inputs[0].datatype", f"one of {sorted(_WIRE)}", tensor.datatype)
-    dtype, np_dtype = _WIRE[tensor.datatype]
+    if tensor.datatype not in _INPUTS:
+        raise invalid("inputs[0].datatype", f"one of {sorted(_INPUTS)}", tensor.datatype)
+    wire = _INPUTS[tensor.datatype]
     if request.raw_input_contents:
         data = request.raw_input_contents[0]
     elif tensor.datatype in _TYPED_CONTENTS:
         values = getattr(tensor.contents, _TYPED_CONTENTS[tensor.datatype])
-        data = np.asarray(values, dtype=np_dtype).tobytes()
+        data = np.asarray(values, dtype=wire.storage).tobytes()
     else:
         raise invalid(
             "raw_input_contents",
             f"the {tensor.datatype} input's bytes (the protocol has no typed contents for it)",
             "none",
         )
-    return pb.Tensor(dtype=dtype, shape=list(tensor.shape), data=data)
+    return pb.Tensor(dtype=wire.code, shape=list(tensor.shape), data=data)
 
 
-def _output(
-    name: str, datatype: str, array: np.ndarray
-) -> tuple[oip.ModelInferResponse.InferOutputTensor, bytes]:
-    meta = oip.ModelInferResponse.InferOutputTensor(
-        name=name, datatype=datatype, shape=list(array.shape)
-    )
-    return meta, np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+def response_outputs(
+    answer: pb.InferResponse,
+) -> dict[str, tuple[oip.ModelInferResponse.InferOutputTensor, bytes]]:
+    """Every output of a deq.v1 answer as OIP metadata and raw little-endian bytes."""
+    values = {
+        "output": tensors.to_torch(answer.output).to(torch.float32).numpy(),
+        "iterations": answer.iterations,
+        "residual": answer.residual,
+        "status": answer.status,
+    }
+    produced = {}
+    for name, datatype in OUTPUTS.items():
+        array = np.asarray(values[name], dtype=_NUMPY[datatype])
+        meta = oip.ModelInferResponse.InferOutputTensor(
+            name=name, datatype=datatype, shape=list(array.shape)
+        )
+        produced[name] = meta, np.ascontiguousarray(array).tobytes()
+    return produced
 
 
 class OIPServicer(oip_grpc.GRPCInferenceServiceServicer):
@@ -189,16 +198,15 @@ class OIPServicer(oip_grpc.GRPCInferenceServiceServicer):
         served, _ = self.registry.resolve(request.name, request.version)
         info = model_info(served, str(self.registry.device))
         meta = oip.ModelMetadataResponse.TensorMetadata
+        shapes = {"output": info.output_shape}
         return oip.ModelMetadataResponse(
             name=served.name,
             versions=list(info.versions),
             platform="deq-serve_pytorch",
             inputs=[meta(name="input", datatype="FP32", shape=[-1, *info.input_shape])],
             outputs=[
-                meta(name="output", datatype="FP32", shape=[-1, *info.output_shape]),
-                meta(name="iterations", datatype="INT64", shape=[-1]),
-                meta(name="residual", datatype="FP64", shape=[-1]),
-                meta(name="status", datatype="INT32", shape=[-1]),
+                meta(name=name, datatype=datatype, shape=[-1, *shapes.get(name, ())])
+                for name, datatype in OUTPUTS.items()
             ],
         )
 
@@ -216,14 +224,7 @@ class OIPServicer(oip_grpc.GRPCInferenceServiceServicer):
             solver=solver_from_parameters(request.parameters),
         )
         answer = await self.deq.infer_counted(deq_request, context.time_remaining())
-        dtype = {pb.DATA_TYPE_FLOAT32: "<f4", pb.DATA_TYPE_FLOAT64: "<f8"}[answer.output.dtype]
-        output = np.frombuffer(answer.output.data, dtype=dtype).reshape(tuple(answer.output.shape))
-        produced = {
-            "output": _output("output", "FP32", output.astype(np.float32)),
-            "iterations": _output("iterations", "INT64", np.asarray(answer.iterations, np.int64)),
-            "residual": _output("residual", "FP64", np.asarray(answer.residual, np.float64)),
-            "status": _output("status", "INT32", np.asarray(answer.status, np.int32)),
-        }
+        produced = response_outputs(answer)
         wanted = [o.name for o in request.outputs] or list(produced)
         response = oip.ModelInferResponse(
             model_name=request.model_name, model_version=answer.model_version, id=request.id

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_client.pb.deq.v1 import deq_pb2_grpc
+from deq_client.wire import METHODS, STOP_MODES
 from deq_server.core import CheckpointError, Status
 
 from . import tensors, validate
@@ -133,8 +134,8 @@ def model_info(served: ServedModel, device: str) -> pb.ModelInfo:
     defaults = pb.SolverOptions(
         tol=solver["tol"],
         max_iter=solver["max_iter"],
-        method=next(k for k, v in validate.METHODS.items() if v == solver["method"]),
-        stop_mode=next(k for k, v in validate.STOP_MODES.items() if v == solver["stop_mode"]),
+        method=METHODS[solver["method"]],
+        stop_mode=STOP_MODES[solver["stop_mode"]],
     )
     return pb.ModelInfo(
         name=served.name,

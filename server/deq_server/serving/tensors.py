@@ -1,8 +1,9 @@
 """Wire tensors <-> torch, validated before any allocation.
 
-numpy has no bfloat16: as in the client SDK (`deq_client._tensor`), a bfloat16 tensor travels as
-its 16-bit patterns (little-endian), which torch reinterprets as `torch.bfloat16` without
-rounding. Every bfloat16 value is exactly a float32, so the cast to the serving dtype is exact.
+The dtypes are `deq_client.wire.DTYPES`, the SDK's table; each is the torch dtype of the same
+name, and travels as the little-endian bytes of its storage dtype. For bfloat16 those are its
+16-bit patterns, which torch views as `torch.bfloat16` without rounding; every bfloat16 value is
+exactly a float32, so the cast to the serving dtype is exact.
 """
 
 from __future__ import annotations
@@ -13,23 +14,23 @@ import numpy as np
 import torch
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
+from deq_client.wire import DTYPES
 
 from .errors import invalid
 
-_DTYPES: dict[int, tuple[np.dtype, torch.dtype]] = {
-    pb.DATA_TYPE_FLOAT32: (np.dtype("<f4"), torch.float32),
-    pb.DATA_TYPE_FLOAT64: (np.dtype("<f8"), torch.float64),
-    pb.DATA_TYPE_FLOAT16: (np.dtype("<f2"), torch.float16),
-    pb.DATA_TYPE_INT64: (np.dtype("<i8"), torch.int64),
-    pb.DATA_TYPE_BFLOAT16: (np.dtype("<u2"), torch.bfloat16),  # the bit patterns
+TORCH_DTYPES: dict[int, torch.dtype] = {code: getattr(torch, d.name) for code, d in DTYPES.items()}
+"""Wire dtype -> torch dtype, by the wire table's names."""
+# The torch dtype of each wire dtype's bytes: itself, except torch.uint16 for bfloat16.
+_STORAGE: dict[int, torch.dtype] = {
+    code: getattr(torch, d.storage.name) for code, d in DTYPES.items()
 }
-_TO_WIRE = {torch_dtype: code for code, (_, torch_dtype) in _DTYPES.items()}
+_TO_WIRE = {torch_dtype: code for code, torch_dtype in TORCH_DTYPES.items()}
 
 
 def decode(t: pb.Tensor, field: str, *, max_elements: int) -> torch.Tensor:
     """The tensor in `t`, checked: known dtype, non-negative shape, byte count, element cap."""
-    if t.dtype not in _DTYPES:
-        names = sorted(pb.DataType.Name(c) for c in _DTYPES)
+    if t.dtype not in DTYPES:
+        names = sorted(pb.DataType.Name(c) for c in DTYPES)
         raise invalid(
             f"{field}.dtype",
             f"one of {names}",
@@ -46,16 +47,22 @@ def decode(t: pb.Tensor, field: str, *, max_elements: int) -> torch.Tensor:
     count = math.prod(shape)
     if count > max_elements:
         raise invalid(f"{field}.shape", f"at most {max_elements} elements", count)
-    np_dtype, _ = _DTYPES[t.dtype]
-    if len(t.data) != count * np_dtype.itemsize:
+    itemsize = DTYPES[t.dtype].storage.itemsize
+    if len(t.data) != count * itemsize:
         raise invalid(
             f"{field}.data",
-            f"{count * np_dtype.itemsize} bytes for shape {list(shape)}",
+            f"{count * itemsize} bytes for shape {list(shape)}",
             f"{len(t.data)} bytes",
         )
-    array = np.frombuffer(t.data, dtype=np_dtype).reshape(shape)
-    out = torch.from_numpy(array.astype(np_dtype.newbyteorder("="), copy=True))
-    return out.view(torch.bfloat16) if t.dtype == pb.DATA_TYPE_BFLOAT16 else out
+    return to_torch(t)
+
+
+def to_torch(t: pb.Tensor) -> torch.Tensor:
+    """The values of `t`, unchecked: for tensors `decode` checked or this server encoded."""
+    storage = DTYPES[t.dtype].storage
+    array = np.frombuffer(t.data, dtype=storage).reshape(tuple(t.shape))
+    native = torch.from_numpy(array.astype(storage.newbyteorder("="), copy=True))
+    return native.view(TORCH_DTYPES[t.dtype])
 
 
 def encode(x: torch.Tensor) -> pb.Tensor:
@@ -63,14 +70,15 @@ def encode(x: torch.Tensor) -> pb.Tensor:
     x = x.detach().cpu().contiguous()
     if x.dtype not in _TO_WIRE:
         x = x.to(torch.float32)
-    wire = _TO_WIRE[x.dtype]
-    array = x.view(torch.uint16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
+    code = _TO_WIRE[x.dtype]
+    array = x.view(_STORAGE[code]).numpy()
     return pb.Tensor(
-        dtype=wire,
+        dtype=code,
         shape=list(array.shape),
-        data=array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(),
+        data=array.astype(DTYPES[code].storage, copy=False).tobytes(),
     )
 
 
 def wire_dtype(dtype: torch.dtype) -> int:
+    """The wire dtype of a torch dtype; DATA_TYPE_UNSPECIFIED for one the wire lacks."""
     return _TO_WIRE.get(dtype, pb.DATA_TYPE_UNSPECIFIED)

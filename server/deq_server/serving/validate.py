@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
+from deq_client.wire import METHODS, STOP_MODES, name_of
 from deq_server.core import DEQModel
 
 from . import tensors
 from .config import ServerConfig
 from .errors import invalid
-
-METHODS = {
-    pb.SOLVER_METHOD_PICARD: "picard",
-    pb.SOLVER_METHOD_ANDERSON: "anderson",
-    pb.SOLVER_METHOD_BROYDEN: "broyden",
-}
-STOP_MODES = {pb.STOP_MODE_ABS: "abs", pb.STOP_MODE_REL: "rel"}
-
 
 MAX_TOL = 1e30  # representable in float32: larger tolerances are surely typos
 
@@ -30,6 +24,14 @@ def _check_tol(field: str, value: float, floor: float) -> None:
         raise invalid(field, f"a number in (0, {MAX_TOL:g}]", value)
     if value < floor:
         raise invalid(field, f">= the server's floor {floor:g}", value)
+
+
+def _name(field: str, value: int, table: Mapping[str, int]) -> str:
+    """The wire name of a set enum value; an unknown number is refused, listing the names."""
+    name = name_of(table, value)
+    if name is None:
+        raise invalid(field, f"one of {sorted(table)}", value)
+    return name
 
 
 def solver_options(opts: pb.SolverOptions, batch: int, config: ServerConfig) -> dict[str, Any]:
@@ -51,15 +53,9 @@ def solver_options(opts: pb.SolverOptions, batch: int, config: ServerConfig) -> 
             raise invalid("solver.max_iter", f"1..{config.max_iter_cap}", opts.max_iter)
         out["max_iter"] = opts.max_iter
     if opts.method != pb.SOLVER_METHOD_UNSPECIFIED:
-        if opts.method not in METHODS:
-            raise invalid("solver.method", f"one of {sorted(METHODS.values())}", opts.method)
-        out["method"] = METHODS[opts.method]
+        out["method"] = _name("solver.method", opts.method, METHODS)
     if opts.stop_mode != pb.STOP_MODE_UNSPECIFIED:
-        if opts.stop_mode not in STOP_MODES:
-            raise invalid(
-                "solver.stop_mode", f"one of {sorted(STOP_MODES.values())}", opts.stop_mode
-            )
-        out["stop_mode"] = STOP_MODES[opts.stop_mode]
+        out["stop_mode"] = _name("solver.stop_mode", opts.stop_mode, STOP_MODES)
     if opts.HasField("budget_ms") and not (math.isfinite(opts.budget_ms) and opts.budget_ms > 0):
         raise invalid("solver.budget_ms", "a finite number > 0", opts.budget_ms)
     return out
