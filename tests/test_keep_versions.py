@@ -112,6 +112,9 @@ def test_commits_unload_old_versions_which_stay_on_disk_and_can_be_loaded_again(
         # under its own number, beside the newest (which unpinned requests keep getting).
         assert (tmp_path / "digits.safetensors").is_file()
         assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == [
+            ".2.claim",  # the numbers' claims (model_store)
+            ".3.claim",
+            ".4.claim",
             "2.safetensors",
             "3.safetensors",
             "4.safetensors",

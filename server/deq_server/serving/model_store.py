@@ -3,10 +3,15 @@
 Layout: `<name>.safetensors` or `<name>.pt2` (an exported package) is version 1 of `<name>`;
 `<name>/<N>.safetensors` or `<name>/<N>.pt2` is version N (both files for one version:
 ambiguous, logged and skipped). Only regular files inside the directory count.
+
+Version numbers are claimed with an empty `<name>/.<N>.claim` file, created exclusively: servers
+sharing the directory (replicas on one volume) never hand out one number twice, and since claims
+stay, no number is ever reused, even after its checkpoint is deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -19,6 +24,15 @@ from deq_server.core import CHECKPOINT_SUFFIXES
 
 log = logging.getLogger("deq_server.registry")
 _VERSION_FILE = re.compile(r"^(\d+)\.(?:safetensors|pt2)$")
+_CLAIM_FILE = re.compile(r"^\.(\d+)\.claim$")
+_logged: set[str] = set()  # skip reasons already logged: a poll rescans every few seconds
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        if len(_logged) < 10_000:
+            _logged.add(message)
+        log.error("%s", message)
 
 
 def discover(model_dir: Path | None) -> dict[str, dict[str, Path]]:
@@ -34,10 +48,10 @@ def discover(model_dir: Path | None) -> dict[str, dict[str, Path]]:
         # Confined as LoadModel is: a link may not leave the directory, and only regular
         # files count (a FIFO or a device would hang or never end).
         if not path.resolve().is_relative_to(root):
-            log.error("skipping %s: it links outside the model directory", path)
+            _log_once(f"skipping {path}: it links outside the model directory")
             return
         if not path.is_file():
-            log.error("skipping %s: not a regular file", path)
+            _log_once(f"skipping {path}: not a regular file")
             return
         if version in found.setdefault(name, {}):
             ambiguous.add((name, version))
@@ -48,16 +62,42 @@ def discover(model_dir: Path | None) -> dict[str, dict[str, Path]]:
             note(path.stem, "1", path)
     for folder in sorted(p for p in model_dir.iterdir() if p.is_dir()):
         if not folder.resolve().is_relative_to(root):
-            log.error("skipping %s: it links outside the model directory", folder)
+            _log_once(f"skipping {folder}: it links outside the model directory")
             continue
         for path in sorted(folder.iterdir()):
             match = _VERSION_FILE.match(path.name)
             if match:
                 note(folder.name, str(int(match.group(1))), path)
     for name, version in sorted(ambiguous):
-        log.error("skipping %s version %s: more than one checkpoint file for it", name, version)
+        _log_once(f"skipping {name} version {version}: more than one checkpoint file for it")
         del found[name][version]
     return {name: versions for name, versions in found.items() if versions}
+
+
+def claim_version(model_dir: Path, name: str, start: int) -> int:
+    """The first number from `start` on, past every claim of `name`, whose claim file this call
+    creates (O_EXCL: of two processes, exactly one wins each number). OSError where the
+    directory cannot be written."""
+    folder = model_dir / name
+    folder.mkdir(exist_ok=True)
+    claimed = (int(m.group(1)) for p in folder.iterdir() if (m := _CLAIM_FILE.match(p.name)))
+    number = max(start, 1 + max(claimed, default=0))
+    for _ in range(10_000):  # each miss is a number another process took meanwhile
+        try:
+            os.close(os.open(folder / f".{number}.claim", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            return number
+        except FileExistsError:
+            number += 1
+    raise OSError(f"no version number of {name} could be claimed")
+
+
+def drop_claim(model_dir: Path, name: str, number: int) -> None:
+    """Take back the claim of a number never published (a refused load, a failed commit), and
+    the folder it made if nothing else is in it: a refusal leaves the directory as it was."""
+    folder = model_dir / name
+    (folder / f".{number}.claim").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty, or gone
+        folder.rmdir()
 
 
 # What `atomic_write` names its temp files: `.<target name>.<random>.tmp` beside the target.

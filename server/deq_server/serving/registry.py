@@ -31,7 +31,13 @@ from deq_server.core import (
 )
 
 from .errors import NotFoundError, invalid
-from .model_store import discover, remove_stale_temp_files, seed_with
+from .model_store import (
+    claim_version,
+    discover,
+    drop_claim,
+    remove_stale_temp_files,
+    seed_with,
+)
 
 log = logging.getLogger("deq_server.registry")
 
@@ -101,6 +107,7 @@ class Registry:
         self.failed: dict[str, str] = {}
         self.on_change: Callable[[], None] | None = None  # after a model is served or unloaded
         self._reserved: dict[str, set[int]] = {}
+        self._claims: dict[tuple[str, int], Path] = {}  # claim files of reservations open now
         # The file each version number of each name was served from in this process: a number
         # is never given to another file, even after UnloadModel (a client pinned to "1" must
         # not get answers from another checkpoint), but its own file may come back under it.
@@ -115,7 +122,8 @@ class Registry:
         """The version number a publication of `name` gets: when `path` is the on-disk file of
         version N of `name` (`<name>/<N>.safetensors`, or `<name>.safetensors` for 1), N itself,
         unless N is served or reserved now or was served from another file; otherwise the next
-        number past every served, on-disk, reserved or ever served one.
+        number past every served, on-disk, reserved, ever served or claimed one, claimed in the
+        model directory (so that servers sharing it never pick the same).
 
         Call on the event loop before any await; `release` it once published or abandoned, so
         two concurrent publications never share a number or overwrite a file.
@@ -137,11 +145,22 @@ class Registry:
                     return number
         taken = (*map(int, served), *used, *sources, *map(int, on_disk))
         version = 1 + max(taken, default=0)
+        if model_dir is not None:
+            try:  # the directory's claim: no other server sharing it gets this number
+                version = claim_version(model_dir, name, version)
+                self._claims[name, version] = model_dir
+            except OSError as exc:  # read-only: the number holds for this process only
+                log.debug("no claim for %s in %s: %s", name, model_dir, exc)
         used.add(version)
         return str(version)
 
     def release(self, name: str, version: str) -> None:
-        self._reserved.get(name, set()).discard(int(version))
+        """End a reservation: published, its claim stays for good; abandoned, it is dropped."""
+        number = int(version)
+        self._reserved.get(name, set()).discard(number)
+        model_dir = self._claims.pop((name, number), None)
+        if model_dir is not None and number not in self._sources.get(name, {}):
+            drop_claim(model_dir, name, number)
 
     def load_version(self, version: str, path: Path) -> ModelVersion:
         """Load a checkpoint as an eval-mode model on the serving device (not yet served)."""
