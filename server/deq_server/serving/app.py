@@ -29,6 +29,7 @@ from .config import ServerConfig, parse_config
 from .continuous import ContinuousScheduler
 from .health_watch import BoundedHealthServicer
 from .metrics import GrpcMetricsInterceptor, Metrics
+from .model_poll import ModelPoller
 from .oip import OIPServicer
 from .registry import Registry, resolve_device
 from .scheduler import RequestScheduler, Scheduler
@@ -90,11 +91,15 @@ class RunningServer:
     scheduler: Scheduler
     metrics: Metrics
     _metrics_http: Any = None
+    poller: ModelPoller | None = None  # with --model-control poll
+    _poll_task: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float) -> None:
         """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`;
         then one final log line with what was drained."""
         in_flight = _in_flight(self.metrics)
+        if self._poll_task is not None:
+            self._poll_task.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.scheduler.close()
@@ -247,6 +252,18 @@ async def start_server(config: ServerConfig) -> RunningServer:
         loop.call_soon_threadsafe(schedule)
 
     registry.on_change = on_change
+    poller, poll_task = None, None
+    if config.model_control == "poll" and config.model_dir is not None:
+        poller = ModelPoller(
+            registry,
+            config.model_dir,
+            config.poll_interval,
+            on_served=lambda name, version: metrics.model_info.labels(
+                name, version, str(registry.device)
+            ).set(1),
+            on_stopped=lambda name, version, last: metrics.forget_model(name) if last else None,
+        )
+        poll_task = loop.create_task(poller.run())
     host = _split(config.address)[0] or "0.0.0.0"
     models = ", ".join(
         f"{name} v{','.join(sorted(served.versions, key=int))}"
@@ -259,14 +276,26 @@ async def start_server(config: ServerConfig) -> RunningServer:
         port,
         "TLS" if config.tls_cert is not None else "plaintext",
         f"{_split(config.metrics_address)[0]}:{metrics_port}" if metrics_port else "off",
-        config.model_dir if config.model_dir is not None else "none (bundled demo only)",
+        "none (bundled demo only)"
+        if config.model_dir is None
+        else f"{config.model_dir}"
+        + (f" (polled every {config.poll_interval:g}s)" if poller else ""),
         registry.device,
         config.dtype,
         config.scheduler,
         models or "none",
     )
     return RunningServer(
-        server, port, metrics_port, health_servicer, registry, scheduler, metrics, metrics_http
+        server,
+        port,
+        metrics_port,
+        health_servicer,
+        registry,
+        scheduler,
+        metrics,
+        metrics_http,
+        poller,
+        poll_task,
     )
 
 

@@ -37,6 +37,8 @@ class ServerConfig:
     connection_idle_seconds: float = 600.0
     train_max_seconds: float = 3600.0
     keep_versions: int = 2
+    model_control: str = "none"
+    poll_interval: float = 5.0
     max_model_bytes: int = 4 << 30
     workers: int = 1
     scheduler: str = "continuous"
@@ -73,6 +75,8 @@ _HELP = {
     "connection_idle_seconds": "a connection with no RPC in flight this long is closed (GOAWAY)",
     "train_max_seconds": "longest a Train stream may take to send its messages, from its first (then closed, nothing published)",
     "keep_versions": "newest published versions of each model kept in memory (older: disk only)",
+    "model_control": "none (the model dir is read at start; then LoadModel, UnloadModel and Train change what is served) or poll (also rescan it every --poll-interval: serve new versions, such as other replicas' commits, and stop serving removed files)",
+    "poll_interval": "seconds between rescans of the model dir with --model-control poll",
     "max_model_bytes": "largest checkpoint file or package (and its tensors) read, larger ones refused unread; also the most memory one call of a package's programs may hold at the largest batch",
     "workers": "solver threads of the request scheduler (solver work never runs on the event loop)",
     "scheduler": "continuous (samples join and leave the solver batch every iteration) or request",
@@ -90,6 +94,7 @@ _CHOICES = {
     "dtype": ["float32", "float64"],
     "log_format": ["text", "json"],
     "scheduler": ["continuous", "request"],
+    "model_control": ["none", "poll"],
 }
 _INT32_MAX = 2**31 - 1
 
@@ -187,6 +192,7 @@ _TYPES: dict[str, Callable[[str], Any]] = {
     "connection_idle_seconds": _seconds,
     "train_max_seconds": _seconds,
     "keep_versions": _at_least(1),
+    "poll_interval": _seconds,
     "max_model_bytes": _at_least(1),
     "workers": _at_least(1),
     "max_batch_slots": _at_least(1),

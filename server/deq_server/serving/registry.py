@@ -154,6 +154,20 @@ class Registry:
         used.add(version)
         return str(version)
 
+    def reserve_exact(self, name: str, number: int) -> bool:
+        """Reserve version `number` of `name` for its own on-disk file (a poll found it), unless
+        it is served, reserved or was ever served now; `release` it as reserve_version's."""
+        served = self.models[name].versions if name in self.models else {}
+        used = self._reserved.setdefault(name, set())
+        if str(number) in served or number in used or number in self._sources.get(name, {}):
+            return False
+        used.add(number)
+        return True
+
+    def ever_served(self, name: str) -> set[int]:
+        """The version numbers of `name` this process ever served."""
+        return set(self._sources.get(name, {}))
+
     def release(self, name: str, version: str) -> None:
         """End a reservation: published, its claim stays for good; abandoned, it is dropped."""
         number = int(version)
@@ -225,6 +239,19 @@ class Registry:
         if self.on_change is not None:
             self.on_change()
         return evicted
+
+    def retire(self, name: str, version: str) -> bool:
+        """Stop serving one version (its file was removed); the model too when it was its last
+        (then True). Its number stays used."""
+        served = self.models[name]
+        del served.versions[version]
+        if self.on_evict is not None:
+            self.on_evict(name, version)
+        if not served.versions:
+            del self.models[name]
+        if self.on_change is not None:
+            self.on_change()
+        return name not in self.models
 
     def unload(self, name: str) -> None:
         """Stop serving `name` (its files stay)."""

@@ -447,7 +447,8 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         finally:
             self.registry.release(name, version)
         return pb.LoadModelResponse(
-            model=model_info(self.registry.models[name], str(self.registry.device))
+            model=model_info(self.registry.models[name], str(self.registry.device)),
+            version=version,
         )
 
     @unary

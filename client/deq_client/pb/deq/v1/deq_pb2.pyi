@@ -997,6 +997,11 @@ class LoadModelResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """The version number the file is served as: its own number for a version file of the model
+    (`<name>/<N>.safetensors`), else the model's next one.
+    """
     @_builtins.property
     def model(self) -> Global___ModelInfo:
         """The model."""
@@ -1005,10 +1010,11 @@ class LoadModelResponse(_message.Message):
         self,
         *,
         model: Global___ModelInfo | None = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

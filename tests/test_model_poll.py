@@ -1,0 +1,119 @@
+"""`--model-control poll` (issue 14): each rescan serves the versions that appeared in the model
+directory and stops serving removed files; a half-written file is never served, and is tried
+again once it changes. Rescans are driven by the test (poll_once), the interval set to an hour."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serving_harness import running_server
+
+from deq_client import DEQClient, DEQError
+from deq_server.models import bundled_checkpoints
+from deq_server.serving.app import RunningServer
+from deq_server.serving.model_poll import PollResult
+
+DIGITS = bundled_checkpoints()["digits"]
+X = np.full((1, 64), 8.0, np.float32)
+
+
+@contextmanager
+def polled(model_dir: Path, **overrides: object) -> Iterator[tuple[RunningServer, DEQClient]]:
+    options = {"model_control": "poll", "poll_interval": 3600.0, **overrides}
+    with (
+        running_server(model_dir=model_dir, **options) as server,
+        DEQClient(f"127.0.0.1:{server.port}", timeout=60) as client,
+    ):
+        yield server, client
+
+
+def poll(server: RunningServer) -> PollResult:
+    """One rescan, on the server's own event loop."""
+    assert server.poller is not None
+    assert server._poll_task is not None
+    loop = server._poll_task.get_loop()
+    return asyncio.run_coroutine_threadsafe(server.poller.poll_once(), loop).result(60)
+
+
+def place(source: Path, target: Path) -> None:
+    """Copy as a commit writes: a temp file renamed into place."""
+    target.parent.mkdir(exist_ok=True)
+    tmp = target.with_name(f".{target.name}.copy.tmp")
+    shutil.copy(source, tmp)
+    os.replace(tmp, target)
+
+
+def model_info_versions(server: RunningServer) -> list[str]:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        lines = response.read().decode().splitlines()
+    found = [
+        ln.split('version="')[1].split('"')[0] for ln in lines if ln.startswith("deq_model_info{")
+    ]
+    return sorted(found, key=int)
+
+
+def test_new_versions_are_served_and_removed_ones_stopped(tmp_path: Path) -> None:
+    with polled(tmp_path, keep_versions=2) as (server, client):
+        assert client.get_model("digits").versions == ["1"]
+        assert poll(server) == PollResult()  # nothing changed
+        place(DIGITS, tmp_path / "digits" / "2.safetensors")
+        assert poll(server).served == [("digits", "2")]
+        assert client.infer("digits", X).model_version == "2"
+        assert model_info_versions(server) == ["1", "2"]
+        # three at once with --keep-versions 2: the newest two, and 3 is never loaded
+        for n in (3, 4, 5):
+            place(DIGITS, tmp_path / "digits" / f"{n}.safetensors")
+        assert poll(server).served == [("digits", "5"), ("digits", "4")]
+        assert client.get_model("digits").versions == ["4", "5"]
+        # a new model's folder is a new model
+        place(DIGITS, tmp_path / "other" / "1.safetensors")
+        assert poll(server).served == [("other", "1")]
+        # removed files stop being served (and 3, never served, is now among the newest two);
+        # the last one takes the model with it
+        (tmp_path / "digits" / "5.safetensors").unlink()
+        changed = poll(server)
+        assert (changed.stopped, changed.served) == ([("digits", "5")], [("digits", "3")])
+        assert client.get_model("digits").versions == ["3", "4"]
+        assert model_info_versions(server) == ["1", "3", "4"]  # other's 1, digits' 3 and 4
+        (tmp_path / "other" / "1.safetensors").unlink()
+        assert poll(server).stopped == [("other", "1")]
+        assert model_info_versions(server) == ["3", "4"]
+        with pytest.raises(DEQError) as err:
+            client.infer("other", X)
+        assert err.value.code.name == "NOT_FOUND"
+        # a file put back, or one older than what is served, waits for LoadModel
+        place(DIGITS, tmp_path / "digits" / "5.safetensors")
+        assert poll(server) == PollResult()
+        assert client.get_model("digits").versions == ["3", "4"]
+
+
+def test_a_half_written_file_is_never_served_and_is_retried_once_it_changes(
+    tmp_path: Path,
+) -> None:
+    data = DIGITS.read_bytes()
+    with polled(tmp_path) as (server, client):
+        half = tmp_path / "digits" / "2.safetensors"
+        half.parent.mkdir(exist_ok=True)
+        half.write_bytes(data[: len(data) // 2])  # a copy caught midway (not atomic)
+        first = poll(server)
+        assert (first.served, first.refused) == ([], [half])
+        assert poll(server) == PollResult()  # unchanged: not tried again
+        assert client.get_model("digits").versions == ["1"]
+        half.write_bytes(data)
+        assert poll(server).served == [("digits", "2")]
+        assert client.infer("digits", X, version="2").model_version == "2"
+
+
+def test_without_poll_the_directory_is_read_at_start_only(tmp_path: Path) -> None:
+    with running_server(model_dir=tmp_path) as server:
+        assert server.poller is None
+        assert server._poll_task is None
