@@ -21,7 +21,7 @@ from deq_client.cli import parser as deqctl_parser
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_client.pb.inference import grpc_service_pb2 as oip_pb
 from deq_server import core
-from deq_server.serving import oip, tensors, training, validate
+from deq_server.serving import oip, tensors, validate
 from deq_server.serving.config import ServerConfig
 from deq_server.serving.errors import InvalidArgumentError
 
@@ -57,13 +57,6 @@ def test_the_engine_has_exactly_the_wire_methods_stop_modes_and_statuses():
     assert set(core.METHODS) == set(wire.METHODS)
     assert set(core.STOP_MODES) == set(wire.STOP_MODES)
     assert {s.name: int(s) for s in core.Status} == wire.STATUSES
-
-
-def test_training_names_optimizers_and_losses_as_the_wire_does():
-    assert {code: training._OPTIMIZERS[code] for code in wire.OPTIMIZERS.values()} == {
-        code: name for name, code in wire.OPTIMIZERS.items()
-    }
-    assert {code: name for name, code in wire.LOSSES.items()} == training._LOSSES
 
 
 def _server_names(field: str, code: int) -> str:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
+from deq_client.wire import LOSSES, OPTIMIZERS, name_of
 from deq_server.core import (
     CHECKPOINT_SUFFIXES,
     IFT,
@@ -54,13 +55,6 @@ from .metrics import Metrics
 from .registry import ModelVersion, Registry, ServedModel
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_OPTIMIZERS = {
-    pb.OPTIMIZER_UNSPECIFIED: "adam",
-    pb.OPTIMIZER_ADAM: "adam",
-    pb.OPTIMIZER_ADAMW: "adamw",
-    pb.OPTIMIZER_SGD: "sgd",
-}
-_LOSSES = {pb.LOSS_MSE: "mse", pb.LOSS_CROSS_ENTROPY: "cross_entropy"}
 
 
 def check_model_name(field: str, name: str) -> str:
@@ -182,7 +176,7 @@ def _optimizer(config: pb.TrainConfig, params: Any) -> torch.optim.Optimizer:
         raise invalid("config.weight_decay", "a finite number >= 0", decay)
     if not (math.isfinite(momentum) and momentum >= 0):
         raise invalid("config.momentum", "a finite number >= 0", momentum)
-    name = _OPTIMIZERS.get(config.optimizer)
+    name = "adam" if not config.optimizer else name_of(OPTIMIZERS, config.optimizer)
     if name is None:
         raise invalid("config.optimizer", "ADAM, ADAMW or SGD", config.optimizer)
     if name == "sgd":
@@ -247,7 +241,8 @@ class TrainSession:
             )
         self.publish_as = check_model_name("config.publish_as", config.publish_as or served.name)
         _check_publish_as(self.publish_as, served, version.model, registry, server)
-        if config.loss not in _LOSSES:
+        loss = name_of(LOSSES, config.loss)
+        if loss is None:
             raise invalid("config.loss", "MSE or CROSS_ENTROPY", config.loss)
         if config.HasField("max_grad_norm") and not config.max_grad_norm > 0:
             raise invalid("config.max_grad_norm", "a number > 0", config.max_grad_norm)
@@ -261,7 +256,7 @@ class TrainSession:
         self.model = copy.deepcopy(version.model).train()
         self.backward = _backward(config, self.model, server)
         self.optimizer = _optimizer(config, self.model.parameters())
-        self.loss = _LOSSES[config.loss]
+        self.loss = loss
         self.registry, self.server, self.metrics = registry, server, metrics
         self.steps = 0
         self.batches = 0
