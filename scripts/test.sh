@@ -12,6 +12,15 @@ python -m pip install --quiet --disable-pip-version-check -e ".[server,dev,bench
 # `deq_serve.cells` entry-point group, for the bring-your-own-cell tests.
 python -m pip install --quiet --disable-pip-version-check --no-deps ./tests/plugins/example_cells
 
+# The KServe SDK, for the tests that load the KServe manifests into its models, in a venv of its
+# own under .tools/: it ships its own `inference` protobuf package, which cannot share a process
+# with the server's stubs, and a web stack the project does not use. Kept while the version holds.
+kserve_python=.tools/kserve-venv/bin/python
+if ! "$kserve_python" -c 'import importlib.metadata as m; assert m.version("kserve") == "0.21.0"' 2> /dev/null; then
+  python -m venv --clear .tools/kserve-venv
+  "$kserve_python" -m pip install --quiet --disable-pip-version-check "kserve==0.21.0"
+fi
+
 # buf (the proto linter) ships in the npm package @bufbuild/buf; kept out of the tree in .tools/.
 npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0 > /dev/null
 .tools/node_modules/.bin/buf lint
