@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
 from deq_server.core import Status, load_checkpoint
 from deq_server.models import bundled_checkpoints
-from deq_server.serving.scheduler import RequestScheduler, SolveJob
+from deq_server.serving.continuous import ContinuousScheduler
+from deq_server.serving.scheduler import RequestScheduler, SolveJob, batch_key
 
 
 def digits_model():
@@ -56,3 +58,30 @@ def test_a_cancelled_request_stops_only_its_own_rows():
     assert set(gone.result.status.tolist()) == {int(Status.CANCELLED)}
     assert gone.result.iterations.tolist() == [1, 1]
     assert set(kept.result.status.tolist()) == {int(Status.CONVERGED)}
+
+
+@pytest.mark.parametrize("kind", ["request", "continuous"])
+def test_both_schedulers_share_one_batch_rule_and_survive_a_failing_callback(kind):
+    """The drift the two copies had: a request naming the model's default method batches with
+    one naming none, and a failing on_solved costs nobody an answer, in both schedulers."""
+    model = digits_model()
+    x = torch.full((2, 64), 8.0, dtype=torch.float64)
+    default = model.solver_defaults["method"]
+    assert batch_key(SolveJob(model, x, {})) == batch_key(SolveJob(model, x, {"method": default}))
+    assert batch_key(SolveJob(model, x, {})) != batch_key(SolveJob(model, x, {"method": "picard"}))
+
+    def explode(outcome):
+        raise RuntimeError("a broken metrics callback")
+
+    async def main():
+        scheduler = RequestScheduler(workers=1) if kind == "request" else ContinuousScheduler(8)
+        jobs = [
+            SolveJob(model, x, {"tol": 1e-6}, on_solved=explode),
+            SolveJob(model, x, {"tol": 1e-6, "method": default}),
+        ]
+        outcomes = await asyncio.gather(*(scheduler.submit(job) for job in jobs))
+        await scheduler.close()
+        return outcomes
+
+    for outcome in asyncio.run(main()):
+        assert set(outcome.result.status.tolist()) == {int(Status.CONVERGED)}

@@ -17,8 +17,9 @@ from ._implicit import IFT, JFB, Backward, Phantom, make_backward
 from ._methods import METHODS
 from ._model import DEQModel, nonfinite_outputs
 from ._package import ExportedLayer, PackageError, checked_probe, export_deq
+from ._rows import STOP_MODES
 from ._slots import Retired, SlotPool, SlotStopHook
-from ._solve import STOP_MODES, Progress, SolveResult, StopHook, solve
+from ._solve import Progress, SolveResult, StopHook, solve
 from ._status import Status
 
 __all__ = [

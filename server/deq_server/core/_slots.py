@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ._methods import make_method
-from ._solve import STOP_MODES, _classify, residual_norms
+from ._rows import STOP_MODES, Rows, observe, verdicts
 from ._status import RUNNING
 
 # Given the owners of slots [:hi] (None for a free slot), the per-slot stop statuses
@@ -91,12 +91,13 @@ class SlotPool:
         self._shape = tuple(state_shape)
         width = math.prod(self._shape)
         self._z = torch.zeros(slots, width, dtype=dtype, device=device)
-        self._best = torch.zeros_like(self._z)
         self._inj = torch.zeros(slots, *inj_shape, dtype=dtype, device=device)
-        # Same column layout as `solve`'s bookkeeping (so `_classify` applies):
-        # ints = (unused, f-evaluations, max_iter); flts = (tol, first abs residual, lowest residual).
-        self._ints = torch.zeros(slots, 3, dtype=torch.int64, device=device)
-        self._flts = torch.zeros(slots, 3, dtype=dtype, device=device)
+        # `solve`'s row bookkeeping, one row per slot (a free slot's values are never read)
+        self._rows = Rows.start(
+            self._z,
+            torch.ones(slots, dtype=dtype, device=device),
+            torch.ones(slots, dtype=torch.int64, device=device),
+        )
         self._state = self._method.init(self._z)
         self._state_fields = _tensor_fields(self._state)
         self._owners: list[Any] = [None] * slots  # None: a free slot
@@ -140,12 +141,8 @@ class SlotPool:
         at = torch.tensor(slots, device=device)
         z0 = z0.reshape(k, -1).to(self._z.dtype)
         self._z.index_copy_(0, at, z0)
-        self._best.index_copy_(0, at, z0)
         self._inj.index_copy_(0, at, inj.to(self._inj.dtype))
-        zeros = torch.zeros_like(max_iter)
-        self._ints.index_copy_(0, at, torch.stack([zeros, zeros, max_iter], dim=1))
-        inf = torch.full_like(tol, float("inf"))
-        self._flts.index_copy_(0, at, torch.stack([tol, inf, inf], dim=1).to(self._flts.dtype))
+        self._rows.put(at, Rows.start(z0, tol.to(self._z.dtype), max_iter))
         for t in self._state_tensors():
             t.index_fill_(0, at, 0)
         self._busy.index_fill_(0, at, True)
@@ -162,56 +159,39 @@ class SlotPool:
         if self._count == 0:
             return None
         n = self._hi
-        z, ints, flts = self._z[:n], self._ints[:n], self._flts[:n]
+        z, rows = self._z[:n], self._rows.head(n)
         fz = self._f(z.view(n, *self._shape), self._inj[:n]).reshape(n, -1)
         self.steps += 1
-        ints[:, 1] += 1
-        g = fz - z
-        abs_res, res = residual_norms(fz, g, self.stop_mode)
-        flts[:, 1] = torch.where(ints[:, 1] == 1, abs_res, flts[:, 1])
-        better = res < flts[:, 2]  # False for NaN
-        flts[:, 2] = torch.where(better, res, flts[:, 2])
-        self._best[:n] = torch.where(better[:, None], z, self._best[:n])
-
-        running = (res > flts[:, 0]) & (ints[:, 1] < ints[:, 2])
-        # As in `solve`: NaN fails every comparison, inf needs the isfinite (a first residual of
-        # inf passes `inf <= divergence * inf`).
-        running &= (abs_res <= self.divergence * flts[:, 1]) & torch.isfinite(abs_res)
+        seen = observe(rows, z, fz, self.stop_mode, self.divergence)
+        running = seen.running
         stop = should_stop(self._owners[:n]) if should_stop is not None else None
         if stop is not None:
             stop = stop.to(device=z.device, dtype=torch.int64)
-            running &= stop == RUNNING
+            running = running & (stop == RUNNING)
         leaving = (self._busy[:n] & ~running).cpu()  # the one host sync per step
         retired = None
         if bool(leaving.any()):
-            retired = self._retire(leaving, res, abs_res, stop)
+            retired = self._retire(leaving, rows, verdicts(rows, seen, self.divergence, stop))
         view = None
         if self._state is not None:  # the method steps views of rows [:n], in place
             prefix = {name: getattr(self._state, name)[:n] for name in self._state_fields}
             view = dataclasses.replace(self._state, **prefix)
-        z_next = self._method.step(view, z, g)
+        z_next = self._method.step(view, z, seen.g)
         if view is not None:
             self._state.written = view.written
         self._z[:n] = z_next
         return retired
 
-    def _retire(
-        self, leaving: Tensor, res: Tensor, abs_res: Tensor, stop: Tensor | None
-    ) -> Retired:
+    def _retire(self, leaving: Tensor, rows: Rows, status: Tensor) -> Retired:
         """Collect the leaving rows' results and free their slots."""
-        n = leaving.shape[0]
-        ints, flts = self._ints[:n], self._flts[:n]
-        status = _classify(res, abs_res, ints, flts, self.divergence)
-        if stop is not None:
-            status = torch.where(status == RUNNING, stop, status)
         done = leaving.nonzero().squeeze(1)
         done_list = done.tolist()
         at = done.to(self._z.device)
         retired = Retired(
             owners=[self._owners[i] for i in done_list],
-            z=self._best.index_select(0, at).view(-1, *self._shape),
-            iterations=ints[:, 1].index_select(0, at),
-            residual=flts[:, 2].index_select(0, at),
+            z=rows.best_z.index_select(0, at).view(-1, *self._shape),
+            iterations=rows.evals.index_select(0, at),
+            residual=rows.best.index_select(0, at),
             status=status.index_select(0, at),
         )
         self._busy.index_fill_(0, at, False)

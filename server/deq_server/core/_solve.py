@@ -1,9 +1,10 @@
-"""The one solver loop: batched fixed-point solving where each sample retires on its own.
+"""Batched fixed-point solving where each sample retires on its own.
 
-Every iteration evaluates f only on the rows still active, measures each row's residual, retires
-rows that met their tolerance (or their cap, diverged, went non-finite, or were stopped by the
-caller's hook), compacts the active set, then lets the method propose the next iterate.
-The only host synchronisation per iteration is reading how many rows retired.
+Every iteration evaluates f only on the rows still active, accounts for it with the shared row
+kernel (`_rows.observe`: residuals, best iterate, who keeps running), retires rows that met their
+tolerance (or their cap, diverged, went non-finite, or were stopped by the caller's hook),
+compacts the active set, then lets the method propose the next iterate. The only host
+synchronisation per iteration is reading how many rows retired.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import torch
 from torch import Tensor
 
 from ._methods import make_method
+from ._rows import STOP_MODES, Rows, observe, verdicts
 from ._status import RUNNING, Status
 
 StopMode = str  # "abs" | "rel"
-STOP_MODES = ("abs", "rel")
 
 
 @dataclass
@@ -99,29 +100,6 @@ def _select_args(args: tuple[Any, ...], keep: Tensor) -> tuple[Any, ...]:
     return tuple(a.index_select(0, keep) if isinstance(a, Tensor) else a for a in args)
 
 
-def residual_norms(fz: Tensor, g: Tensor, stop_mode: StopMode) -> tuple[Tensor, Tensor]:
-    """(abs, in-mode) residuals per row of flattened tensors, g = f(z) - z:
-    abs = ||g||, rel = abs / ||f(z)||."""
-    abs_res = g.norm(dim=1)
-    if stop_mode == "abs":
-        return abs_res, abs_res
-    tiny = torch.finfo(fz.dtype).tiny
-    return abs_res, abs_res / fz.norm(dim=1).clamp_min(tiny)
-
-
-def _classify(
-    res: Tensor, abs_res: Tensor, ints: Tensor, flts: Tensor, divergence: float
-) -> Tensor:
-    """Status of every active row (RUNNING where none applies), in priority order:
-    CONVERGED > NONFINITE > DIVERGED > MAX_ITER."""
-    status = torch.zeros_like(ints[:, 0])
-    status.masked_fill_(ints[:, 1] >= ints[:, 2], int(Status.MAX_ITER))
-    status.masked_fill_(abs_res > divergence * flts[:, 1], int(Status.DIVERGED))
-    status.masked_fill_(~torch.isfinite(res), int(Status.NONFINITE))
-    status.masked_fill_(res <= flts[:, 0], int(Status.CONVERGED))
-    return status
-
-
 def solve(
     f: Callable[..., Tensor],
     z0: Tensor,
@@ -165,57 +143,40 @@ def solve(
     out_status = torch.zeros(batch, dtype=torch.int64, device=device)
 
     with torch.no_grad():
-        # Per-row bookkeeping packed in two tensors, so retiring rows costs two copies:
-        # ints = (original index, f-evaluations, max_iter); flts = (tol, first abs residual,
-        # lowest residual so far).
-        idx = torch.arange(batch, device=device)
-        ints = torch.stack([idx, torch.zeros_like(idx), cap_t], dim=1)
-        inf = torch.full_like(tol_t, float("inf"))
-        flts = torch.stack([tol_t, inf, inf], dim=1)
+        # The active rows, compacted as rows retire; `index` maps them to the batch.
+        index = torch.arange(batch, device=device)
         z = z0.detach().reshape(batch, width)
-        best_z = z
+        rows = Rows.start(z, tol_t, cap_t)
         state = step_fn.init(z)
         steps = 0
         while z.shape[0] > 0:
             fz = f(z.view(-1, *shape), *args).reshape(z.shape[0], width)
             steps += 1
-            ints[:, 1] += 1
-            g = fz - z
-            abs_res, res = residual_norms(fz, g, stop_mode)
-            if steps == 1:
-                flts[:, 1] = abs_res
-            better = res < flts[:, 2]  # False for NaN
-            flts[:, 2] = torch.where(better, res, flts[:, 2])
-            best_z = torch.where(better[:, None], z, best_z)
-
-            # Comparisons with NaN are False, so a NaN row is not running; an infinite residual
-            # passes `inf <= divergence * inf` (a first residual of inf), hence the isfinite.
-            running = (res > flts[:, 0]) & (ints[:, 1] < ints[:, 2])
-            running &= (abs_res <= divergence * flts[:, 1]) & torch.isfinite(abs_res)
-            stop = None
+            seen = observe(rows, z, fz, stop_mode, divergence)
+            running, stop = seen.running, None
             if should_stop is not None:
-                stop = should_stop(Progress(steps, ints[:, 0], res))
+                stop = should_stop(Progress(steps, index, seen.res))
                 if stop is not None:
                     stop = stop.to(device=device, dtype=torch.int64)
-                    running &= stop == RUNNING
+                    running = running & (stop == RUNNING)
             n_keep = int(running.sum())  # the one host sync per iteration
             if n_keep < z.shape[0]:
-                status = _classify(res, abs_res, ints, flts, divergence)
-                if stop is not None:
-                    status = torch.where(status == RUNNING, stop, status)
+                status = verdicts(rows, seen, divergence, stop)
                 order = torch.argsort((~running).to(torch.int8), stable=True)
                 keep, done = order[:n_keep], order[n_keep:]
-                rows = ints.index_select(0, done)
-                out_z.index_copy_(0, rows[:, 0], best_z.index_select(0, done))
-                out_iters.index_copy_(0, rows[:, 0], rows[:, 1])
-                out_res.index_copy_(0, rows[:, 0], flts.index_select(0, done)[:, 2])
-                out_status.index_copy_(0, rows[:, 0], status.index_select(0, done))
+                at = index.index_select(0, done)
+                out_z.index_copy_(0, at, rows.best_z.index_select(0, done))
+                out_iters.index_copy_(0, at, rows.evals.index_select(0, done))
+                out_res.index_copy_(0, at, rows.best.index_select(0, done))
+                out_status.index_copy_(0, at, status.index_select(0, done))
                 if n_keep == 0:
                     break
-                ints, flts = ints.index_select(0, keep), flts.index_select(0, keep)
-                z, g, best_z = z.index_select(0, keep), g.index_select(0, keep), best_z[keep]
+                rows, index = rows.select(keep), index.index_select(0, keep)
+                z, g = z.index_select(0, keep), seen.g.index_select(0, keep)
                 args = _select_args(args, keep)
                 state = step_fn.select(state, keep)
+            else:
+                g = seen.g
             z = step_fn.step(state, z, g)
 
     return SolveResult(

@@ -35,8 +35,11 @@ from .scheduler import (
     SolveOutcome,
     _limit,
     _verdict,
+    batch_key,
     frozen,
     per_sample,
+    report,
+    shared_settings,
 )
 
 log = logging.getLogger("deq_server.continuous")
@@ -74,13 +77,6 @@ class _Ticket:
         return int(self.job.x.shape[0])
 
 
-def _lane_key(job: SolveJob) -> tuple[Any, ...]:
-    """Requests with equal keys share a pool: same model object and same non-per-sample options."""
-    options = job.model.solver_options(**job.solver)
-    shared = {k: v for k, v in options.items() if k not in ("tol", "max_iter")}
-    return (id(job.model), tuple(sorted(shared.items())))
-
-
 class _Lane:
     """A slot pool for one model version and method setting, with its FIFO of waiting requests."""
 
@@ -90,8 +86,7 @@ class _Lane:
         self.source = weakref.ref(job.model)
         self.model = frozen(job.model)  # shared with other lanes of the same model
         self.name = job.model_name
-        options = job.model.solver_options(**job.solver)
-        shared = {k: v for k, v in options.items() if k not in ("tol", "max_iter")}
+        shared = shared_settings(job)
         ref = next(self.model.parameters())
         self.device, self.dtype = ref.device, ref.dtype
         self.np_dtype = torch.empty((), dtype=ref.dtype).numpy().dtype
@@ -166,14 +161,15 @@ class _Lane:
         if not chunks:
             return
         x = torch.cat([t.job.x[s : s + k] for t, s, k in chunks]).to(self.device, self.dtype)
+        # The start is the request's warm start or, as `solve`'s, the model's init_state.
         if all(t.job.z0 is None for t, _, _ in chunks):
-            z0 = torch.zeros(x.shape[0], *self.model.state_shape, dtype=self.dtype)
+            z0 = self.model.init_state(x)
         else:
             z0 = torch.cat(
                 [
-                    t.job.z0[s : s + k].to(self.dtype)
+                    t.job.z0[s : s + k].to(self.device, self.dtype)
                     if t.job.z0 is not None
-                    else torch.zeros(k, *self.model.state_shape, dtype=self.dtype)
+                    else self.model.init_state(x[:k])
                     for t, s, k in chunks
                 ]
             )
@@ -257,11 +253,7 @@ class _Lane:
         y = torch.from_numpy(ticket.y)
         outcome = SolveOutcome(y, result, started - ticket.job.submitted, now - started, busy)
         ticket.outcome = outcome
-        if ticket.job.on_solved is not None:
-            try:
-                ticket.job.on_solved(outcome)
-            except Exception:  # a metrics callback must not cost the caller its answer
-                log.exception("on_solved callback failed")
+        report(ticket.job, outcome)
         return ticket
 
     def fail(self, exc: BaseException) -> list[_Ticket]:
@@ -344,7 +336,7 @@ class ContinuousScheduler:
     def _route(self, job: SolveJob, future: asyncio.Future[SolveOutcome]) -> Delivery | None:
         """Queue a job on its lane (made on first use); a job that cannot be queued fails."""
         try:
-            key = _lane_key(job)
+            key = batch_key(job)
             lane = self._lanes.get(key)
             if lane is None or lane.source() is not job.model:
                 lane = self._lanes[key] = _Lane(job, self._slots, self._on_batch)

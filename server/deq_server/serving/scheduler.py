@@ -10,6 +10,7 @@ caller that gives up stops costing compute within one iteration. Both solve with
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import weakref
@@ -23,6 +24,8 @@ import torch
 from torch import Tensor
 
 from deq_server.core import DEQModel, Progress, SolveResult, Status
+
+log = logging.getLogger("deq_server.scheduler")
 
 
 @dataclass
@@ -114,10 +117,18 @@ def frozen(model: DEQModel) -> DEQModel:
         return copy
 
 
-def _batch_key(job: SolveJob) -> tuple[Any, ...]:
-    """Jobs with equal keys can share one solve: same model version and method settings."""
-    options = {k: v for k, v in job.solver.items() if k not in ("tol", "max_iter")}
-    return (id(job.model), tuple(sorted(options.items())))
+def shared_settings(job: SolveJob) -> dict[str, Any]:
+    """The settings a batch must share (all but the per-sample tol and max_iter), with the
+    model's defaults filled in: a request naming the default method batches with one that
+    names none."""
+    options = job.model.solver_options(**job.solver)
+    return {k: v for k, v in options.items() if k not in ("tol", "max_iter")}
+
+
+def batch_key(job: SolveJob) -> tuple[Any, ...]:
+    """Jobs with equal keys can share one solve (or one slot pool): same model version and
+    shared settings."""
+    return (id(job.model), tuple(sorted(shared_settings(job).items())))
 
 
 def per_sample(job: SolveJob, key: str, default: Any, dtype: torch.dtype) -> np.ndarray:
@@ -164,7 +175,7 @@ def run_batch(
     )
     if on_batch is not None:
         on_batch(jobs[0].model_name, x.shape[0])
-    solver = {k: v for k, v in jobs[0].solver.items() if k not in ("tol", "max_iter")}
+    solver = shared_settings(jobs[0])
     solver["tol"] = _per_row(jobs, "tol", defaults["tol"], x.dtype, device)
     solver["max_iter"] = _per_row(jobs, "max_iter", defaults["max_iter"], torch.int64, device)
     z0 = None
@@ -193,10 +204,19 @@ def run_batch(
             steps=result.steps,
         )
         outcome = SolveOutcome(y[part], piece, start - job.submitted, solve_seconds, x.shape[0])
-        if job.on_solved is not None:
-            job.on_solved(outcome)
+        report(job, outcome)
         outcomes.append(outcome)
     return outcomes
+
+
+def report(job: SolveJob, outcome: SolveOutcome) -> None:
+    """Run the job's `on_solved`: a failing metrics callback must not cost the caller (or the
+    batch's other callers) their answers."""
+    if job.on_solved is not None:
+        try:
+            job.on_solved(outcome)
+        except Exception:
+            log.exception("on_solved callback failed")
 
 
 def _fail(futures: list[asyncio.Future[SolveOutcome]]) -> None:
@@ -252,10 +272,10 @@ class RequestScheduler:
         """The first job plus queued compatible ones, FIFO, up to max_batch rows."""
         assert self._queue is not None
         batch, rows, later = [first], first[0].x.shape[0], []
-        key = _batch_key(first[0])
+        key = batch_key(first[0])
         while not self._queue.empty():
             item = self._queue.get_nowait()
-            if _batch_key(item[0]) == key and rows + item[0].x.shape[0] <= self._max_batch:
+            if batch_key(item[0]) == key and rows + item[0].x.shape[0] <= self._max_batch:
                 batch.append(item)
                 rows += item[0].x.shape[0]
             else:
