@@ -190,7 +190,7 @@ def test_deployment_server_probes_metrics_and_adapter_rule_work_end_to_end(
             assert up["labels"]["namespace"] == namespace
             assert up["labels"]["pod"] == POD
 
-            # Idle, the server exports no pending series yet: the rule's fallback answers 0.
+            # Idle: the server's pending gauge reads 0 (and the rule's fallback would answer 0 too).
             idle = poll(
                 lambda: instant(api, query), timeout=30, interval=0.2, what="an idle answer"
             )

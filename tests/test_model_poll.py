@@ -51,10 +51,14 @@ def place(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def model_info_versions(server: RunningServer) -> list[str]:
+def metrics_lines(server: RunningServer) -> list[str]:
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=30) as response:
-        lines = response.read().decode().splitlines()
+        return response.read().decode().splitlines()
+
+
+def model_info_versions(server: RunningServer) -> list[str]:
+    lines = metrics_lines(server)
     found = [
         ln.split('version="')[1].split('"')[0] for ln in lines if ln.startswith("deq_model_info{")
     ]
@@ -77,6 +81,12 @@ def test_new_versions_are_served_and_removed_ones_stopped(tmp_path: Path) -> Non
         # a new model's folder is a new model
         place(DIGITS, tmp_path / "other" / "1.safetensors")
         assert poll(server).served == [("other", "1")]
+        # every served model has its pending gauge, at 0 while idle (what an autoscaler reads)
+        pending = [ln for ln in metrics_lines(server) if ln.startswith("deq_inference_pending")]
+        assert sorted(pending) == [
+            'deq_inference_pending_requests{model="digits"} 0.0',
+            'deq_inference_pending_requests{model="other"} 0.0',
+        ]
         # removed files stop being served (and 3, never served, is now among the newest two);
         # the last one takes the model with it
         (tmp_path / "digits" / "5.safetensors").unlink()

@@ -178,7 +178,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     registry.load_all(config.model_dir, bundled_checkpoints())
     for name, served in registry.models.items():
         for version in served.versions:
-            metrics.model_info.labels(name, version, str(registry.device)).set(1)
+            metrics.model_served(name, version, str(registry.device))
     scheduler = make_scheduler(config, metrics)
 
     limits = [
@@ -258,9 +258,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
             registry,
             config.model_dir,
             config.poll_interval,
-            on_served=lambda name, version: metrics.model_info.labels(
+            on_served=lambda name, version: metrics.model_served(
                 name, version, str(registry.device)
-            ).set(1),
+            ),
             on_stopped=lambda name, version, last: metrics.forget_model(name) if last else None,
         )
         poll_task = loop.create_task(poller.run())

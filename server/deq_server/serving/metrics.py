@@ -7,12 +7,12 @@ go-grpc-prometheus series for every RPC kind, streams included.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+import numpy as np
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -22,10 +22,10 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from torch import Tensor
 
 from deq_server.core import SolveResult, Status
 
+from .bulk_histogram import BulkHistogram
 from .device_metrics import DeviceMemoryCollector
 
 SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -86,14 +86,15 @@ class Metrics:
             buckets=SECONDS,
             registry=r,
         )
-        self.iterations = Histogram(
+        # per-sample series, recorded a whole solve at a time
+        self.iterations = BulkHistogram(
             "deq_solver_iterations",
             "Cell evaluations per sample to leave the solver.",
             ["model", "method", "phase"],
             buckets=ITERATIONS,
             registry=r,
         )
-        self.residual = Histogram(
+        self.residual = BulkHistogram(
             "deq_solver_residual",
             "Final residual per sample.",
             ["model", "phase"],
@@ -129,6 +130,12 @@ class Metrics:
             registry=r,
         )
 
+    def model_served(self, model: str, version: str, device: str) -> None:
+        """A version is served: its deq_model_info series, and the model's pending gauge at 0
+        from now on (an autoscaler reading it sees idle replicas, not missing series)."""
+        self.model_info.labels(model, version, device).set(1)
+        self.pending.labels(model)
+
     def forget_model(self, model: str) -> None:
         """Remove every series labelled with `model` (an unloaded model's series would otherwise
         be exported for as long as the process lives)."""
@@ -156,25 +163,16 @@ class Metrics:
                 metric.remove(*values)
 
     def record_solve(self, model: str, method: str, phase: str, result: SolveResult) -> None:
-        """Per-sample facts of one solve (forward or backward)."""
-        iterations = self.iterations.labels(model, method, phase)
-        for n in result.iterations.tolist():
-            if n > 0:  # 0: never evaluated (its caller left while it was queued)
-                iterations.observe(n)
-        residual = self.residual.labels(model, phase)
-        for value in result.residual.tolist():
-            if math.isfinite(value):  # an Inf would poison the _sum series for good
-                residual.observe(value)
+        """Per-sample facts of one solve (forward or backward), in bulk."""
+        iterations = result.iterations.cpu().numpy()
+        # 0: never evaluated (its caller left while it was queued)
+        self.iterations.observe_many((model, method, phase), iterations[iterations > 0])
+        self.residual.observe_many((model, phase), result.residual.cpu().double().numpy())
         if phase == "forward":
-            counts = _bincount(result.status)
+            counts = np.bincount(result.status.cpu().numpy(), minlength=len(Status) + 1)
             for status in Status:
-                if counts.get(int(status)):
-                    self.samples.labels(model, status.name).inc(counts[int(status)])
-
-
-def _bincount(status: Tensor) -> dict[int, int]:
-    values, counts = status.cpu().unique(return_counts=True)
-    return dict(zip(values.tolist(), counts.tolist(), strict=True))
+                if counts[int(status)]:
+                    self.samples.labels(model, status.name).inc(int(counts[int(status)]))
 
 
 class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):

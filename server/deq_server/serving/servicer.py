@@ -400,9 +400,9 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
                     with contextlib.suppress(Exception):
                         (await commit).entry.path.unlink()
                     raise
-                self.metrics.model_info.labels(
+                self.metrics.model_served(
                     published.name, published.entry.version, str(self.registry.device)
-                ).set(1)
+                )
                 self.registry.publish(published.name, published.entry)  # may unload old ones
             finally:
                 self.registry.release(session.publish_as, version)
@@ -436,7 +436,7 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         version = self.registry.reserve_version(name, self.config.model_dir, path)
         try:
             entry = await asyncio.to_thread(self.registry.load_version, version, path)
-            self.metrics.model_info.labels(name, version, str(self.registry.device)).set(1)
+            self.metrics.model_served(name, version, str(self.registry.device))
             self.registry.publish(name, entry)  # may unload old versions
         except CheckpointError as exc:
             reason = relative_to_model_dir(str(exc), self.config.model_dir)
