@@ -55,10 +55,12 @@ class _AndersonState:
     least-squares system: E[:, 0] is the current residual g, E[:, 1:] a ring of residual
     differences dG; X is the matching ring of mixing columns dX + beta dG.
 
-    The ring position is shared by all rows; `age` counts each row's own steps. A row's live
-    columns are the ring slots it wrote itself (the last min(age, m)); the others are zero (a row
-    joins with zeroed state) and are masked out of its system. A row without a usable difference
-    (no previous iterate yet) writes a zero column, which the ridge gives gamma = 0.
+    The ring position `slot` (a 0-d tensor, so that no step depends on a Python number and a
+    compiled step never re-traces) is shared by all rows; `age` counts each row's own steps. A
+    row's live columns are the ring slots it wrote itself (the last min(age, m)); the others are
+    zero (a row joins with zeroed state) and get a unit diagonal in its system, hence gamma = 0
+    for them, exactly as if absent. A row without a usable difference (no previous iterate yet)
+    writes a zero column, which the ridge gives gamma = 0.
     """
 
     E: Tensor
@@ -67,7 +69,7 @@ class _AndersonState:
     g_prev: Tensor
     has_prev: Tensor  # (A, 1): 1.0 where z_prev/g_prev hold this row's previous iterate
     age: Tensor  # (A,) int64: steps this row has taken
-    written: int
+    slot: Tensor  # () int64: the ring column the next step writes, shared by all rows
 
     def select(self, keep: Tensor) -> _AndersonState:
         return _AndersonState(
@@ -77,7 +79,7 @@ class _AndersonState:
             g_prev=self.g_prev.index_select(0, keep),
             has_prev=self.has_prev.index_select(0, keep),
             age=self.age.index_select(0, keep),
-            written=self.written,
+            slot=self.slot,
         )
 
 
@@ -113,39 +115,39 @@ class Anderson:
             g_prev=torch.zeros_like(z),
             has_prev=z.new_zeros(rows, 1),
             age=torch.zeros(rows, dtype=torch.int64, device=z.device),
-            written=0,
+            slot=torch.zeros((), dtype=torch.int64, device=z.device),
         )
 
     def step(self, state: _AndersonState, z: Tensor, g: Tensor) -> Tensor:
         # The driver only steps rows with a finite residual, so z and g are finite here.
         # On a row's first step its column is zero, the system singular, and the step plain.
-        slot = state.written % self.m
-        dg, mix = state.E[:, 1 + slot], state.X[:, slot]
-        torch.sub(g, state.g_prev, out=dg).mul_(state.has_prev)
-        torch.sub(z, state.z_prev, out=mix).mul_(state.has_prev).add_(dg, alpha=self.beta)
+        slot, m = state.slot, self.m
+        at = slot.view(1)
+        dg = torch.sub(g, state.g_prev).mul_(state.has_prev)
+        mix = torch.sub(z, state.z_prev).mul_(state.has_prev).add_(dg, alpha=self.beta)
+        state.E.index_copy_(1, at + 1, dg.unsqueeze(1))
+        state.X.index_copy_(1, at, mix.unsqueeze(1))
         state.E[:, 0] = g
-        state.written += 1
         state.z_prev.copy_(z)
         state.g_prev.copy_(g)
         state.has_prev.fill_(1.0)
         state.age.add_(1)
 
-        k = min(state.written, self.m)
-        live = state.E[:, : k + 1]
-        products = live @ live.transpose(1, 2)  # [g, dG]^T [g, dG]: rhs and Gram at once
+        products = state.E @ state.E.transpose(1, 2)  # [g, dG]^T [g, dG]: rhs and Gram at once
         gram, rhs = products[:, 1:, 1:], products[:, 1:, :1]
         diag = gram.diagonal(dim1=1, dim2=2)
         # Ridge from the mean over the row's own columns; columns it never wrote get a unit
         # diagonal (and zero rhs), hence gamma = 0, exactly as if they were absent.
-        steps_ago = (slot - torch.arange(k, device=z.device)) % self.m
+        steps_ago = (slot - torch.arange(m, device=z.device)) % m
         dead = steps_ago[None, :] >= state.age[:, None]
-        own = state.age.clamp(max=k).clamp(min=1).to(diag.dtype)[:, None]
+        own = state.age.clamp(max=m).clamp(min=1).to(diag.dtype)[:, None]
         diag.add_(self.reg * diag.sum(dim=1, keepdim=True) / own + dead.to(diag.dtype))
+        slot.add_(1).remainder_(m)
         gamma, info = torch.linalg.solve_ex(gram, rhs, check_errors=False)
         good = (info == 0) & torch.isfinite(gamma).all(dim=(1, 2))
         gamma = torch.where(good[:, None, None], gamma, 0.0)
         plain = torch.add(z, g, alpha=self.beta)
-        X = state.X[:, :k]
+        X = state.X
         if z.shape[1] < 128 and z.device.type == "cpu":
             # z + beta g - sum_j gamma_j X_j as a broadcast product and a sum: for narrow
             # states on CPU about 3x faster than baddbmm's batched (1 x k) @ (k x n) products

@@ -48,10 +48,15 @@ class Retired:
 
 
 def _tensor_fields(state: Any) -> list[str]:
-    """Names of a method state's per-row tensors (none for a stateless method)."""
+    """Names of a method state's per-row tensors (none for a stateless method); 0-d tensors
+    (Anderson's ring position) are shared by all rows."""
     if state is None:
         return []
-    return [f.name for f in dataclasses.fields(state) if isinstance(getattr(state, f.name), Tensor)]
+    return [
+        f.name
+        for f in dataclasses.fields(state)
+        if isinstance(t := getattr(state, f.name), Tensor) and t.dim() > 0
+    ]
 
 
 class SlotPool:
@@ -176,9 +181,7 @@ class SlotPool:
         if self._state is not None:  # the method steps views of rows [:n], in place
             prefix = {name: getattr(self._state, name)[:n] for name in self._state_fields}
             view = dataclasses.replace(self._state, **prefix)
-        z_next = self._method.step(view, z, seen.g)
-        if view is not None:
-            self._state.written = view.written
+        z_next = self._method.step(view, z, seen.g)  # shared 0-d state is updated in place
         self._z[:n] = z_next
         return retired
 
