@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,12 +28,19 @@ import torch
 from torch import Tensor
 
 from ._methods import make_method
-from ._rows import STOP_MODES, Rows, observe, verdicts
+from ._rows import STOP_MODES, Observation, Rows, observe, verdicts
 from ._status import RUNNING
+
+log = logging.getLogger("deq_server.core.slots")
 
 # Given the owners of slots [:hi] (None for a free slot), the per-slot stop statuses
 # (0 = keep going), or None when nothing stops.
 SlotStopHook = Callable[[Sequence[Any]], Tensor | None]
+
+
+def _is_compile_error(exc: BaseException) -> bool:
+    """An error of torch.compile itself (tracing or code generation), not of the step."""
+    return type(exc).__module__.startswith(("torch._dynamo", "torch._inductor"))
 
 
 @dataclass
@@ -79,6 +87,7 @@ class SlotPool:
         method: str = "anderson",
         stop_mode: str = "rel",
         divergence: float = 1e5,
+        compile: bool = False,
         **options: Any,
     ) -> None:
         if slots < 1:
@@ -110,6 +119,12 @@ class SlotPool:
         self._busy = torch.zeros(slots, dtype=torch.bool, device=device)
         self._hi = 0  # 1 + the highest busy slot: a step works on rows [:hi]
         self._count = 0
+        # Compiled: one program per bucket of rows (powers of 4 up to `slots`), rows [:hi]
+        # rounded up to the next bucket (trailing free rows are computed, never read).
+        self._advance: Callable[..., tuple[Observation, Tensor]] = self._advance_eager
+        self.compiled = compile
+        if compile:
+            self._advance = torch.compile(self._advance_eager, dynamic=False, fullgraph=True)
 
     @property
     def busy(self) -> int:
@@ -163,11 +178,22 @@ class SlotPool:
         shapes at full load and no moves of state between slots."""
         if self._count == 0:
             return None
-        n = self._hi
+        n = self._bucket(self._hi) if self.compiled else self._hi
         z, rows = self._z[:n], self._rows.head(n)
-        fz = self._f(z.view(n, *self._shape), self._inj[:n]).reshape(n, -1)
+        view = None
+        if self._state is not None:  # the method steps views of rows [:n], in place
+            prefix = {name: getattr(self._state, name)[:n] for name in self._state_fields}
+            view = dataclasses.replace(self._state, **prefix)
+        try:
+            seen, z_next = self._advance(z, self._inj[:n], rows, view)
+        except Exception as exc:
+            if not self.compiled or not _is_compile_error(exc):
+                raise
+            # a cell the compiler cannot take (nothing ran yet): this pool runs eagerly
+            log.warning("compiling the slot step failed, running it eagerly: %s", exc)
+            self.compiled, self._advance = False, self._advance_eager
+            seen, z_next = self._advance(z, self._inj[:n], rows, view)
         self.steps += 1
-        seen = observe(rows, z, fz, self.stop_mode, self.divergence)
         running = seen.running
         stop = should_stop(self._owners[:n]) if should_stop is not None else None
         if stop is not None:
@@ -177,13 +203,23 @@ class SlotPool:
         retired = None
         if bool(leaving.any()):
             retired = self._retire(leaving, rows, verdicts(rows, seen, self.divergence, stop))
-        view = None
-        if self._state is not None:  # the method steps views of rows [:n], in place
-            prefix = {name: getattr(self._state, name)[:n] for name in self._state_fields}
-            view = dataclasses.replace(self._state, **prefix)
-        z_next = self._method.step(view, z, seen.g)  # shared 0-d state is updated in place
         self._z[:n] = z_next
         return retired
+
+    def _advance_eager(
+        self, z: Tensor, inj: Tensor, rows: Rows, state: Any
+    ) -> tuple[Observation, Tensor]:
+        """One evaluation of f on rows z, its bookkeeping, and the method's next iterate (rows
+        and state updated in place; the retirement reads rows, which the method leaves alone)."""
+        fz = self._f(z.view(z.shape[0], *self._shape), inj).reshape(z.shape[0], -1)
+        seen = observe(rows, z, fz, self.stop_mode, self.divergence)
+        return seen, self._method.step(state, z, seen.g)
+
+    def _bucket(self, hi: int) -> int:
+        n = 1
+        while n < hi:
+            n *= 4
+        return min(n, self.slots)
 
     def _retire(self, leaving: Tensor, rows: Rows, status: Tensor) -> Retired:
         """Collect the leaving rows' results and free their slots."""

@@ -135,7 +135,12 @@ def make_scheduler(config: ServerConfig, metrics: Metrics) -> Scheduler:
 
     if config.scheduler == "request":
         return RequestScheduler(config.workers, config.max_batch, on_batch=on_batch)
-    return ContinuousScheduler(config.max_batch_slots, config.max_batch, on_batch=on_batch)
+    return ContinuousScheduler(
+        config.max_batch_slots,
+        config.max_batch,
+        on_batch=on_batch,
+        compile_step=config.compile_step,
+    )
 
 
 async def sync_health(

@@ -43,6 +43,7 @@ class ServerConfig:
     workers: int = 1
     scheduler: str = "continuous"
     max_batch_slots: int = 256
+    compile_step: bool = False
     torch_threads: int = 0
     grace_seconds: float = 10.0
     strict_readiness: bool = False
@@ -81,6 +82,7 @@ _HELP = {
     "workers": "solver threads of the request scheduler (solver work never runs on the event loop)",
     "scheduler": "continuous (samples join and leave the solver batch every iteration) or request",
     "max_batch_slots": "solver slots per model version and method setting (continuous scheduler)",
+    "compile_step": "compile the continuous scheduler's solver step with torch.compile, one program per bucket of busy slots (1, 4, 16, ...; each compiled on first use, seconds on a CPU); a cell it cannot compile runs eagerly",
     "torch_threads": "CPU threads per torch op (0: half the cores, the rest for gRPC and Python)",
     "grace_seconds": "how long in-flight calls may finish after SIGTERM",
     "strict_readiness": "report NOT_SERVING while any checkpoint found at start failed to load (until LoadModel serves that model); without it, SERVING once any model is served",

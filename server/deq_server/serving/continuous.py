@@ -80,7 +80,9 @@ class _Ticket:
 class _Lane:
     """A slot pool for one model version and method setting, with its FIFO of waiting requests."""
 
-    def __init__(self, job: SolveJob, slots: int, on_batch: BatchObserver | None) -> None:
+    def __init__(
+        self, job: SolveJob, slots: int, on_batch: BatchObserver | None, compile_step: bool
+    ) -> None:
         # Weakly held: a version the registry unloaded frees its lane as soon as no request
         # holds it (the lane key's id() is checked against this reference before reuse).
         self.source = weakref.ref(job.model)
@@ -101,6 +103,7 @@ class _Lane:
             inj_shape=probe.shape[1:],
             dtype=self.dtype,
             device=self.device,
+            compile=compile_step,
             **shared,
         )
         self.defaults = self.model.solver_defaults  # per-sample tol/max_iter when unset
@@ -299,10 +302,12 @@ class ContinuousScheduler:
         slots: int = 256,
         max_batch: int = 1024,
         on_batch: BatchObserver | None = None,
+        compile_step: bool = False,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self._slots = slots
+        self._compile = compile_step
         self._on_batch = on_batch
         self._fallback = RequestScheduler(workers=1, max_batch=max_batch, on_batch=on_batch)
         self._inbox = _Inbox()
@@ -339,7 +344,7 @@ class ContinuousScheduler:
             key = batch_key(job)
             lane = self._lanes.get(key)
             if lane is None or lane.source() is not job.model:
-                lane = self._lanes[key] = _Lane(job, self._slots, self._on_batch)
+                lane = self._lanes[key] = _Lane(job, self._slots, self._on_batch, self._compile)
             lane.waiting.append(lane.ticket(job, future))
         except Exception as exc:
             return (future, None, exc)
