@@ -12,6 +12,9 @@ server-side timings and the CPU seconds per request spent by the server process 
 
     python bench/serving.py [--seconds 10] [--concurrency 1 16 64] [--tol T] [--batch 1] [--out P]
 
+The served configuration is the default one; DEQ_* variables change it (DEQ_SCHEDULER=request,
+DEQ_COMPILE_STEP=1 with a --warmup long enough for its compiles).
+
 A script, not a test: it prints a markdown table and writes the raw numbers as JSON.
 """
 
@@ -67,9 +70,13 @@ async def serve(kind: str) -> None:
         import torch
 
         from deq_server.serving.app import start_server
-        from deq_server.serving.config import ServerConfig
+        from deq_server.serving.config import parse_config
 
-        config = ServerConfig(address="127.0.0.1:0", metrics_address="127.0.0.1:0")
+        # the defaults, on free loopback ports; DEQ_* variables (DEQ_SCHEDULER=request,
+        # DEQ_COMPILE_STEP=1, ...) set the rest
+        config = parse_config(
+            ["--address=127.0.0.1:0", "--metrics-address=127.0.0.1:0", "--model-dir="]
+        )
         running = await start_server(config)
         port, stop = running.port, running.stop
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}

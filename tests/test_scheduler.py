@@ -9,6 +9,8 @@ import torch
 
 from deq_server.core import Status, load_checkpoint
 from deq_server.models import bundled_checkpoints
+from deq_server.serving.app import scheduler_for
+from deq_server.serving.config import ServerConfig
 from deq_server.serving.continuous import ContinuousScheduler
 from deq_server.serving.scheduler import RequestScheduler, SolveJob, batch_key
 
@@ -85,3 +87,12 @@ def test_both_schedulers_share_one_batch_rule_and_survive_a_failing_callback(kin
 
     for outcome in asyncio.run(main()):
         assert set(outcome.result.status.tolist()) == {int(Status.CONVERGED)}
+
+
+def test_auto_picks_request_batching_on_a_cpu_and_continuous_on_a_gpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert scheduler_for(ServerConfig(), cpu) == "request"
+    assert scheduler_for(ServerConfig(), gpu) == "continuous"
+    for chosen in ("request", "continuous"):  # a named scheduler is what runs, anywhere
+        assert scheduler_for(ServerConfig(scheduler=chosen), cpu) == chosen
+        assert scheduler_for(ServerConfig(scheduler=chosen), gpu) == chosen

@@ -33,7 +33,7 @@ class ServerConfig:
     stream_idle_seconds: float = 300.0
     max_watch_streams: int = 16
     max_infer_streams: int = 0
-    max_streams_per_connection: int = 100
+    max_streams_per_connection: int = 1000
     connection_idle_seconds: float = 600.0
     train_max_seconds: float = 3600.0
     keep_versions: int = 2
@@ -41,7 +41,7 @@ class ServerConfig:
     poll_interval: float = 5.0
     max_model_bytes: int = 4 << 30
     workers: int = 1
-    scheduler: str = "continuous"
+    scheduler: str = "auto"
     max_batch_slots: int = 256
     compile_step: bool = False
     torch_threads: int = 0
@@ -72,7 +72,7 @@ _HELP = {
     "stream_idle_seconds": "an InferStream with no new request this long is closed (DEADLINE_EXCEEDED; answers in flight are sent first)",
     "max_watch_streams": "health Watch streams open at once (open to everyone, so capped: RESOURCE_EXHAUSTED past it)",
     "max_infer_streams": "InferStreams open at once, over all clients (RESOURCE_EXHAUSTED past it; 0: half of --max-concurrent-rpcs, or 1024 without that limit)",
-    "max_streams_per_connection": "concurrent RPCs one HTTP/2 connection may open (gRPC's max_concurrent_streams)",
+    "max_streams_per_connection": "concurrent RPCs one HTTP/2 connection may open (gRPC's max_concurrent_streams; gRPC counts a finished call until its cleanup, so under load 64 callers on one connection already met a limit of 100 with REFUSED_STREAM)",
     "connection_idle_seconds": "a connection with no RPC in flight this long is closed (GOAWAY)",
     "train_max_seconds": "longest a Train stream may take to send its messages, from its first (then closed, nothing published)",
     "keep_versions": "newest published versions of each model kept in memory (older: disk only)",
@@ -80,7 +80,7 @@ _HELP = {
     "poll_interval": "seconds between rescans of the model dir with --model-control poll",
     "max_model_bytes": "largest checkpoint file or package (and its tensors) read, larger ones refused unread; also the most memory one call of a package's programs may hold at the largest batch",
     "workers": "solver threads of the request scheduler (solver work never runs on the event loop)",
-    "scheduler": "continuous (samples join and leave the solver batch every iteration) or request",
+    "scheduler": "continuous (samples join and leave the solver batch every iteration), request (a batch runs until its slowest sample is done) or auto (request on a CPU, where it measured faster; continuous on a GPU)",
     "max_batch_slots": "solver slots per model version and method setting (continuous scheduler)",
     "compile_step": "compile the continuous scheduler's solver step with torch.compile, one program per bucket of busy slots (1, 4, 16, ...; each compiled on first use, seconds on a CPU); a cell it cannot compile runs eagerly",
     "torch_threads": "CPU threads per torch op (0: half the cores, the rest for gRPC and Python)",
@@ -95,7 +95,7 @@ _HELP = {
 _CHOICES = {
     "dtype": ["float32", "float64"],
     "log_format": ["text", "json"],
-    "scheduler": ["continuous", "request"],
+    "scheduler": ["auto", "continuous", "request"],
     "model_control": ["none", "poll"],
 }
 _INT32_MAX = 2**31 - 1
