@@ -2,7 +2,8 @@
 
 Checks, for every method, that solving on CUDA gives the CPU's statuses and iteration counts
 (float64) and states within rounding, that implicit gradients agree, that a `SlotPool` with
-staggered arrivals gives the CPU's per-sample answers, then times the seed-cell benchmark
+staggered arrivals gives the CPU's per-sample answers (eager, and compiled as --compile-step
+compiles it), then times the seed-cell benchmark
 (d=256, B=256, rel tol 1e-5, float32) on both devices, a `SlotPool` step against its busy rows
 (flat on a GPU is the regime where continuous batching pays), and the request-level and
 continuous schedulers in process on bench/scheduler.py's traces. Prints tables, writes JSON.
@@ -120,8 +121,9 @@ def time_solves(repeats: int = 5) -> list[dict[str, Any]]:
     return rows
 
 
-def run_pool(device: str, method: str) -> dict[Any, tuple[int, int, Tensor]]:
-    """32 samples of the float64 problem through a 6-slot pool, a few admitted every step."""
+def run_pool(device: str, method: str, compile: bool = False) -> dict[Any, tuple[int, int, Tensor]]:
+    """32 samples of the float64 problem through a 6-slot pool, a few admitted every step
+    (with `compile`, the torch.compile'd step of --compile-step)."""
     f, inj = problem(device, torch.float64, d=64, batch=32)
     pool = SlotPool(
         f,
@@ -131,6 +133,7 @@ def run_pool(device: str, method: str) -> dict[Any, tuple[int, int, Tensor]]:
         dtype=torch.float64,
         device=device,
         method=method,
+        compile=compile,
     )
     tol = torch.tensor([1e-3, 1e-6, 1e-10, 1e-8] * 8, dtype=torch.float64, device=device)
     cap = torch.full((32,), 300, device=device)
@@ -155,11 +158,12 @@ def run_pool(device: str, method: str) -> dict[Any, tuple[int, int, Tensor]]:
 
 def check_slots() -> list[dict[str, Any]]:
     rows = []
-    for method in ("anderson", "picard"):
-        cpu, gpu = (run_pool(device, method) for device in DEVICES)
+    for method, compile in (("anderson", False), ("picard", False), ("anderson", True)):
+        cpu, gpu = run_pool("cpu", method), run_pool("cuda", method, compile)
         rows.append(
             {
                 "method": method,
+                "cuda_compiled": compile,
                 "same_iterations_and_status": all(cpu[i][:2] == gpu[i][:2] for i in cpu),
                 "max_state_diff": max(float((cpu[i][2] - gpu[i][2]).abs().max()) for i in cpu),
             }
@@ -167,8 +171,9 @@ def check_slots() -> list[dict[str, Any]]:
     return rows
 
 
-def time_slot_steps(device: str, repeats: int = 50) -> list[dict[str, Any]]:
-    """ms per SlotPool step of the digits model (float32) against its busy rows."""
+def time_slot_steps(device: str, repeats: int = 50, compile: bool = False) -> list[dict[str, Any]]:
+    """ms per SlotPool step of the digits model (float32) against its busy rows (eager, or
+    compiled as with --compile-step; the first step, which compiles, is not timed)."""
     model = load_checkpoint(bundled_checkpoints()["digits"]).eval().to(device).frozen()
     rows = []
     with torch.no_grad():
@@ -181,6 +186,7 @@ def time_slot_steps(device: str, repeats: int = 50) -> list[dict[str, Any]]:
                 inj_shape=(64,),
                 dtype=torch.float32,
                 device=device,
+                compile=compile,
             )
             never = torch.full((busy,), 1e-30, device=device)
             pool.admit(
@@ -201,6 +207,7 @@ def time_slot_steps(device: str, repeats: int = 50) -> list[dict[str, Any]]:
             rows.append(
                 {
                     "device": device,
+                    "compiled": compile,
                     "busy": busy,
                     "ms_per_step": (time.perf_counter() - start) * 1e3 / repeats,
                 }
@@ -241,7 +248,9 @@ def main() -> None:
         "gradients": check_gradients(),
         "timings": time_solves(),
         "slots": check_slots(),
-        "slot_steps": time_slot_steps("cpu") + time_slot_steps("cuda"),
+        "slot_steps": time_slot_steps("cpu")
+        + time_slot_steps("cuda")
+        + time_slot_steps("cuda", compile=True),
         "schedulers_in_process": {d: time_schedulers(d) for d in DEVICES},
     }
     for row in report["solvers"]:
@@ -256,9 +265,9 @@ def main() -> None:
         )
     for row in report["slots"]:
         print(row)
-    print("| device | busy rows | SlotPool ms / step |\n|---|---|---|")
+    print("| device | compiled | busy rows | SlotPool ms / step |\n|---|---|---|---|")
     for r in report["slot_steps"]:
-        print(f"| {r['device']} | {r['busy']} | {r['ms_per_step']:.3f} |")
+        print(f"| {r['device']} | {r['compiled']} | {r['busy']} | {r['ms_per_step']:.3f} |")
     print("in-process samples/s:", json.dumps(report["schedulers_in_process"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
