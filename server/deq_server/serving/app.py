@@ -22,6 +22,7 @@ from prometheus_client import start_http_server
 from deq_client.pb.deq.v1 import deq_pb2, deq_pb2_grpc
 from deq_client.pb.inference import grpc_service_pb2 as oip_pb2
 from deq_client.pb.inference import grpc_service_pb2_grpc as oip_grpc
+from deq_server import __version__
 from deq_server.models import bundled_checkpoints
 
 from .auth import TokenAuthInterceptor, split_tokens
@@ -227,7 +228,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     health_servicer = BoundedHealthServicer(config.max_watch_streams)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-        OIPServicer(deq, registry, health_servicer), server
+        OIPServicer(deq, registry, health_servicer, __version__), server
     )
     reflection.enable_server_reflection(SERVICE_NAMES, server)
     try:

@@ -24,7 +24,6 @@ from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_client.pb.inference import grpc_service_pb2 as oip
 from deq_client.pb.inference import grpc_service_pb2_grpc as oip_grpc
 from deq_client.wire import DTYPES, METHODS, STOP_MODES, WireDtype
-from deq_server import __version__
 
 from . import tensors
 from .errors import invalid, unary
@@ -155,10 +154,13 @@ def response_outputs(
 class OIPServicer(oip_grpc.GRPCInferenceServiceServicer):
     """Open Inference Protocol handlers over the DEQ servicer and registry."""
 
-    def __init__(self, deq: DEQServicer, registry: Registry, health: Any) -> None:
+    def __init__(
+        self, deq: DEQServicer, registry: Registry, health: Any, server_version: str
+    ) -> None:
         self.deq = deq
         self.registry = registry
         self.health = health
+        self.server_version = server_version  # ServerMetadata's version: the app's to say
 
     @unary
     async def ServerLive(
@@ -188,7 +190,7 @@ class OIPServicer(oip_grpc.GRPCInferenceServiceServicer):
         self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ServerMetadataResponse:
         return oip.ServerMetadataResponse(
-            name="deq-serve", version=__version__, extensions=["deq_solver_parameters"]
+            name="deq-serve", version=self.server_version, extensions=["deq_solver_parameters"]
         )
 
     @unary
