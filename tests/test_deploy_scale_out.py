@@ -1,4 +1,4 @@
-"""The README's scale-out recipe: one client channel, several replicas, gRPC round-robin.
+"""The scale-out recipe of docs/deployment.md: one channel, several replicas, gRPC round-robin.
 
 Two real servers on 127.0.0.1 stand for two replicas; the client names both in one target
 (`ipv4:` lists them, as a DNS name with several A records does behind `dns:///`) with

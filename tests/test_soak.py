@@ -6,7 +6,7 @@ Both footprints are taken right after a Train commit.
 The warm-up includes a Train commit: the first training session in a process pages in autograd
 and sets up its worker thread, a one-time step of about 75 MB on the development VM that later
 sessions reuse. Measured over 3 minutes with a commit every 10 s, RSS after that step stays within
-1% (see the README); before the step was part of the warm-up, it read as +29% growth."""
+1% (see docs/reliability.md); before the step was part of the warm-up, it read as +29% growth."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Bearer tokens never reach the logs or the metrics.
 
-A real `deq-server` process (tokens from DEQ_* variables, as the README advises: flags would show
+A real `deq-server` process (tokens from DEQ_* variables, as docs/api.md advises: flags would show
 them in `ps`), in both log formats, gets calls with good, bad, truncated and wrong-scope tokens on
 both protocols, plus a failing LoadModel and a skipped bad checkpoint so that it has something to
 log. Its whole stdout and stderr and a /metrics scrape must not hold any token, nor any 8-character
