@@ -26,7 +26,7 @@ from deq_client.pb.inference import grpc_service_pb2_grpc as oip_grpc
 from deq_server.core import load_checkpoint
 from deq_server.models import bundled_checkpoints
 from deq_server.serving.errors import InvalidArgumentError
-from deq_server.serving.oip import solver_from_parameters
+from deq_server.serving.oip import solver_request
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_a_finite_number_is_read_the_same_from_a_double_or_its_text(key, value, 
     else:
         text = repr(value) if kind == "string_repr" else f" {value:.17e} "
         params = _parameters(key, "string_param", text)
-    assert getattr(solver_from_parameters(params), key) == value
+    assert getattr(solver_request(params), key) == value
 
 
 @settings(max_examples=100)
@@ -140,8 +140,8 @@ def test_a_finite_number_is_read_the_same_from_a_double_or_its_text(key, value, 
 )
 def test_integers_are_numbers_too(key, value):
     kind = "int64_param" if value < 2**63 else "uint64_param"
-    assert getattr(solver_from_parameters(_parameters(key, kind, value)), key) == float(value)
-    assert getattr(solver_from_parameters(_parameters(key, "string_param", str(value))), key) == (
+    assert getattr(solver_request(_parameters(key, kind, value)), key) == float(value)
+    assert getattr(solver_request(_parameters(key, "string_param", str(value))), key) == (
         float(value)
     )
 
@@ -159,7 +159,7 @@ NOT_NUMBERS = st.one_of(
 @given(key=st.sampled_from(FLOAT_PARAMETERS), text=NOT_NUMBERS)
 def test_text_that_is_no_finite_number_is_refused_by_name(key, text):
     with pytest.raises(InvalidArgumentError, match=f"^parameters.{key}: expected a finite number"):
-        solver_from_parameters(_parameters(key, "string_param", text))
+        solver_request(_parameters(key, "string_param", text))
 
 
 @pytest.mark.parametrize("key", FLOAT_PARAMETERS)
@@ -169,7 +169,7 @@ def test_text_that_is_no_finite_number_is_refused_by_name(key, text):
 )
 def test_booleans_and_non_finite_doubles_are_refused(key, kind, value):
     with pytest.raises(InvalidArgumentError, match=f"^parameters.{key}: expected a finite number"):
-        solver_from_parameters(_parameters(key, kind, value))
+        solver_request(_parameters(key, kind, value))
 
 
 def _infer_request(**parameters: oip.InferParameter) -> oip.ModelInferRequest:

@@ -33,7 +33,7 @@ from deq_server.models import bundled_checkpoints
 from deq_server.serving import validate
 from deq_server.serving.config import ServerConfig
 from deq_server.serving.errors import InvalidArgumentError
-from deq_server.serving.oip import solver_from_parameters
+from deq_server.serving.oip import solver_request
 from deq_server.serving.servicer import STREAM_WINDOW
 
 T = TypeVar("T")
@@ -466,8 +466,8 @@ def test_accepted_oip_parameters_are_within_the_caps(params):
                 slot.uint64_param = value
         else:
             slot.string_param = value
-    opts, error = attempt(solver_from_parameters, request.parameters)
-    out = None if opts is None else attempt(validate.solver_options, opts, 1, CONFIG)[0]
+    opts, error = attempt(solver_request, request.parameters)
+    out = None if opts is None else attempt(validate.solver_settings, opts, 1, CONFIG)[0]
     if out is None:
         assert error.startswith("parameters.") or opts is not None
         return

@@ -24,6 +24,7 @@ from deq_server import core
 from deq_server.serving import oip, tensors, validate
 from deq_server.serving.config import ServerConfig
 from deq_server.serving.errors import InvalidArgumentError
+from deq_server.serving.inference import Answer
 
 ENUMS = [
     (wire.METHODS, pb.SolverMethod),
@@ -72,7 +73,7 @@ def test_sdk_server_oip_and_deqctl_accept_exactly_the_same_names(field, table):
         assert getattr(sdk_solver_options(**{field: name}), field) == code  # SDK -> wire
         assert _server_names(field, code) == name  # wire -> engine
         params = {field: oip_pb.InferParameter(string_param=name)}
-        assert getattr(oip.solver_from_parameters(params), field) == code  # OIP -> wire
+        assert getattr(oip.solver_request(params), field) == name  # OIP -> the data plane
         assert solver_defaults(pb.SolverOptions(**{field: code}))[field] == name  # model defaults
         flag = "--" + field.replace("_", "-")
         args = deqctl_parser().parse_args(["infer", "--model", "m", "--input", "x.npy", flag, name])
@@ -84,7 +85,7 @@ def test_sdk_server_oip_and_deqctl_accept_exactly_the_same_names(field, table):
     ):
         _server_names(field, max(table.values()) + 1)
     with pytest.raises(InvalidArgumentError, match=f"parameters.{field}: expected one of"):
-        oip.solver_from_parameters({field: oip_pb.InferParameter(string_param="newton")})
+        oip.solver_request({field: oip_pb.InferParameter(string_param="newton")})
     with pytest.raises(SystemExit):
         deqctl_parser().parse_args(["infer", "--model", "m", "--input", "x.npy", flag, "newton"])
 
@@ -141,7 +142,8 @@ def test_oip_raw_inputs_become_the_tensor_the_sdk_would_send(dtype):
     request = oip_pb.ModelInferRequest(model_name="m")
     request.inputs.add(name="input", datatype=dtype.oip, shape=[2, 3])
     request.raw_input_contents.append(to_proto(values).data)
-    assert oip.input_tensor(request) == to_proto(values)
+    sent = to_proto(values)
+    assert oip.input_tensor(request) == tensors.WireTensor(sent.dtype, tuple(sent.shape), sent.data)
 
 
 def test_oip_takes_every_float_wire_dtype_and_nothing_else():
@@ -153,8 +155,16 @@ def test_oip_takes_every_float_wire_dtype_and_nothing_else():
 def test_oip_answers_fp32_whatever_float_dtype_the_engine_answered_in(dtype):
     """The adapter once decoded only FP32 and FP64 answers: a BF16 or FP16 one was a KeyError."""
     values = torch.tensor(VALUES, dtype=tensors.TORCH_DTYPES[dtype.code])
-    answer = pb.InferResponse(
-        output=tensors.encode(values), iterations=[3, 4], residual=[1e-7, 2e-7], status=[1, 2]
+    answer = Answer(
+        version="1",
+        output=values,
+        state=None,
+        iterations=np.array([3, 4]),
+        residual=np.array([1e-7, 2e-7]),
+        status=np.array([1, 2]),
+        queue_seconds=0.0,
+        solve_seconds=0.0,
+        total_seconds=0.0,
     )
     produced = oip.response_outputs(answer)
     meta, raw = produced["output"]
@@ -162,3 +172,12 @@ def test_oip_answers_fp32_whatever_float_dtype_the_engine_answered_in(dtype):
     np.testing.assert_array_equal(np.frombuffer(raw, "<f4").reshape(2, 3), values.float().numpy())
     assert {name: meta.datatype for name, (meta, _) in produced.items()} == oip.OUTPUTS
     assert np.frombuffer(produced["status"][1], "<i4").tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("code", list(oip._INPUTS.values()), ids=lambda d: d.oip)
+def test_the_data_planes_numpy_decoding_reads_what_the_torch_decoding_reads(code):
+    """Inference validates with numpy (bfloat16 widened to float32): the values are torch's."""
+    values = torch.tensor(VALUES, dtype=tensors.TORCH_DTYPES[code.code])
+    sent = to_proto(values, "x")
+    array = tensors.decode_array(tensors.WireTensor.of(sent), "x", max_elements=6)
+    np.testing.assert_array_equal(array, tensors.decode(sent, "x", max_elements=6).float().numpy())

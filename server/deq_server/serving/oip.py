@@ -1,7 +1,7 @@
 """`inference.GRPCInferenceService`: the KServe v2 / Open Inference Protocol over the same solver.
 
-ModelInfer is translated into a `deq.v1.InferRequest` and answered by `DEQServicer`, so both
-protocols share validation, scheduling and metrics. Solver options travel in the request
+ModelInfer decodes into the data plane's `InferCall` (inference.py), as deq.v1 Infer does, so both
+protocols share validation, scheduling and metrics, with no detour through deq.v1 messages. Solver options travel in the request
 `parameters` (tol, budget_ms, max_iter, method, stop_mode, allow_partial; tol and budget_ms as a
 double, an integer or a numeric string, since KServe's proto has no double); besides `output`, the
 response carries per-sample `iterations` (INT64), `residual` (FP64) and `status` (INT32, the
@@ -25,10 +25,12 @@ from deq_client.pb.inference import grpc_service_pb2 as oip
 from deq_client.pb.inference import grpc_service_pb2_grpc as oip_grpc
 from deq_client.wire import DTYPES, METHODS, STOP_MODES, WireDtype
 
-from . import tensors
+from . import validate
 from .errors import invalid, unary
+from .inference import Answer, InferCall
 from .registry import Registry
 from .servicer import DEQServicer, model_info
+from .tensors import WireTensor
 
 # Input datatypes: the float dtypes of the wire table, by OIP name. KServe v2 has typed contents
 # for FP32 and FP64 only; FP16 and BF16 (16-bit patterns) come as raw_input_contents, as in Triton.
@@ -74,43 +76,39 @@ def _integer(value: object) -> int | None:
     return None
 
 
-def solver_from_parameters(params: Any) -> pb.SolverOptions:
-    """SolverOptions from the request parameters; unknown keys are refused by name."""
-    opts = pb.SolverOptions()
+def solver_request(params: Any) -> validate.SolverRequest:
+    """The solver settings of the request parameters, types decoded (range checks follow in the
+    data plane, as for deq.v1); unknown keys are refused by name."""
+    fields: dict[str, Any] = {}
     for key, param in params.items():
         value = _value(param)
-        if key == "tol":
-            opts.tol = _finite_number("parameters.tol", value)
-        elif key == "budget_ms":
-            opts.budget_ms = _finite_number("parameters.budget_ms", value)
+        if key in ("tol", "budget_ms"):
+            fields[key] = _finite_number(f"parameters.{key}", value)
         elif key == "max_iter":
             count = _integer(value)
             if count is None or not 1 <= count < 2**32:
                 raise invalid("parameters.max_iter", "an integer in 1..2**32-1", value)
-            opts.max_iter = count
-        elif key == "method":
-            if value not in METHODS:
-                raise invalid("parameters.method", f"one of {sorted(METHODS)}", value)
-            opts.method = METHODS[value]
-        elif key == "stop_mode":
-            if value not in STOP_MODES:
-                raise invalid("parameters.stop_mode", f"one of {sorted(STOP_MODES)}", value)
-            opts.stop_mode = STOP_MODES[value]
+            fields[key] = count
+        elif key in ("method", "stop_mode"):
+            table = METHODS if key == "method" else STOP_MODES
+            if value not in table:
+                raise invalid(f"parameters.{key}", f"one of {sorted(table)}", value)
+            fields[key] = value
         elif key == "allow_partial":
             if not isinstance(value, bool):
                 raise invalid("parameters.allow_partial", "a bool", value)
-            opts.allow_partial = value
+            fields[key] = value
         else:
             raise invalid(
                 f"parameters.{key}",
                 "tol, budget_ms, max_iter, method, stop_mode or allow_partial",
                 key,
             )
-    return opts
+    return validate.SolverRequest(**fields)
 
 
-def input_tensor(request: oip.ModelInferRequest) -> pb.Tensor:
-    """The single input as a deq.v1 Tensor, from raw bytes or typed contents."""
+def input_tensor(request: oip.ModelInferRequest) -> WireTensor:
+    """The single input's bytes, from raw contents or typed contents, and its wire dtype."""
     if len(request.inputs) != 1:
         raise invalid("inputs", "exactly one input tensor", len(request.inputs))
     tensor = request.inputs[0]
@@ -128,15 +126,15 @@ def input_tensor(request: oip.ModelInferRequest) -> pb.Tensor:
             f"the {tensor.datatype} input's bytes (the protocol has no typed contents for it)",
             "none",
         )
-    return pb.Tensor(dtype=wire.code, shape=list(tensor.shape), data=data)
+    return WireTensor(wire.code, tuple(tensor.shape), data)
 
 
 def response_outputs(
-    answer: pb.InferResponse,
+    answer: Answer,
 ) -> dict[str, tuple[oip.ModelInferResponse.InferOutputTensor, bytes]]:
-    """Every output of a deq.v1 answer as OIP metadata and raw little-endian bytes."""
+    """Every output of an answer as OIP metadata and raw little-endian bytes."""
     values = {
-        "output": tensors.to_torch(answer.output).to(torch.float32).numpy(),
+        "output": answer.output.to(torch.float32).numpy(),
         "iterations": answer.iterations,
         "residual": answer.residual,
         "status": answer.status,
@@ -219,17 +217,17 @@ class OIPServicer(oip_grpc.GRPCInferenceServiceServicer):
         unknown = [o.name for o in request.outputs if o.name not in OUTPUTS]
         if unknown:
             raise invalid("outputs", f"names among {sorted(OUTPUTS)}", unknown)
-        deq_request = pb.InferRequest(
+        call = InferCall(
             model=request.model_name,
             version=request.model_version,
             input=input_tensor(request),
-            solver=solver_from_parameters(request.parameters),
+            solver=solver_request(request.parameters),
         )
-        answer = await self.deq.infer_counted(deq_request, context.time_remaining())
+        answer = await self.deq.inference.run(call, context.time_remaining())
         produced = response_outputs(answer)
         wanted = [o.name for o in request.outputs] or list(produced)
         response = oip.ModelInferResponse(
-            model_name=request.model_name, model_version=answer.model_version, id=request.id
+            model_name=request.model_name, model_version=answer.version, id=request.id
         )
         for name in wanted:
             meta, raw = produced[name]

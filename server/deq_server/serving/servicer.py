@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_client.pb.deq.v1 import deq_pb2_grpc
 from deq_client.wire import METHODS, STOP_MODES
-from deq_server.core import CheckpointError, Status
+from deq_server.core import CheckpointError
 
 from . import tensors, validate
 from .config import ServerConfig, infer_stream_cap
@@ -28,17 +28,18 @@ from .errors import (
     DeadlineExceededError,
     FailedPreconditionError,
     ResourceExhaustedError,
-    code_of,
     invalid,
     status_of,
     streaming,
     streaming_writes,
     unary,
 )
+from .inference import Answer, InferCall, Inference
 from .memory import release_free_memory_soon
 from .metrics import Metrics
 from .registry import Registry, ServedModel
-from .scheduler import Scheduler, SolveJob, SolveOutcome
+from .scheduler import Scheduler
+from .tensors import WireTensor
 from .training import TrainSession, check_model_name, confined_path
 
 # Requests one InferStream may have in flight or answered but not yet sent. Past it the server
@@ -121,12 +122,6 @@ def relative_to_model_dir(message: str, model_dir: Path | None) -> str:
     return message
 
 
-def deadline_margin(time_remaining: float) -> float:
-    """How long before the caller's deadline to stop, so that a partial answer still reaches it:
-    a tenth of the time left, at least 5 ms and at most 50 ms (head, encoding, a busy loop)."""
-    return min(max(0.1 * time_remaining, 0.005), 0.05)
-
-
 def model_info(served: ServedModel, device: str) -> pb.ModelInfo:
     latest = served.latest.model
     config = latest.config
@@ -152,6 +147,25 @@ def model_info(served: ServedModel, device: str) -> pb.ModelInfo:
     )
 
 
+def infer_response(answer: Answer) -> pb.InferResponse:
+    """The deq.v1 encoding of an answer."""
+    response = pb.InferResponse(
+        output=tensors.encode(answer.output),
+        iterations=answer.iterations.tolist(),
+        residual=answer.residual.tolist(),
+        status=answer.status.tolist(),
+        model_version=answer.version,
+        timings=pb.Timings(
+            queue_seconds=answer.queue_seconds,
+            solve_seconds=answer.solve_seconds,
+            total_seconds=answer.total_seconds,
+        ),
+    )
+    if answer.state is not None:
+        response.state.CopyFrom(tensors.encode(answer.state))
+    return response
+
+
 class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
     """Infer, InferStream, ListModels and GetModel over the registry and the scheduler."""
 
@@ -162,107 +176,31 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         self.scheduler = scheduler
         self.metrics = metrics
         self.config = config
+        self.inference = Inference(registry, scheduler, metrics, config)
         self.stream_cap = infer_stream_cap(config)
         self.open_streams = 0
 
     async def infer(
         self, request: pb.InferRequest, time_remaining: float | None
     ) -> pb.InferResponse:
-        """One Infer, independent of the RPC shape (unary or a stream item)."""
-        received = time.monotonic()
-        name = request.model
-        _, version = self.registry.resolve(name, request.version)
-        if self.scheduler.pending() >= self.config.max_queue:
-            raise ResourceExhaustedError(
-                f"{self.scheduler.pending()} requests are queued (--max-queue {self.config.max_queue}); retry later"
-            )
-        model = version.model
-        x, z0 = validate.model_inputs(request, model, self.config)
-        solver = validate.solver_options(request.solver, x.shape[0], self.config)
-        dtype = self.registry.dtype
-        deadline = None
-        if time_remaining is not None:
-            deadline = received + max(time_remaining - deadline_margin(time_remaining), 0.0)
-        budget = None
-        if request.solver.HasField("budget_ms"):
-            budget = received + request.solver.budget_ms / 1e3
-        method = solver.get("method", model.solver_defaults["method"])
-
-        def record(outcome: SolveOutcome) -> None:
-            self.metrics.record_solve(name, method, "forward", outcome.result)
-            self.metrics.queue_seconds.labels(name).observe(outcome.queue_seconds)
-
-        x = validate.cast(x, dtype, "input.data")
-        if z0 is not None:
-            z0 = validate.cast(z0, dtype, "initial_state.data")
-        job = SolveJob(
-            model=model,
-            x=x,
-            solver=solver,
-            z0=z0,
-            deadline=deadline,
-            budget_deadline=budget,
-            submitted=received,
-            model_name=name,
-            on_solved=record,
-        )
-        gauge = self.metrics.pending.labels(name)
-        gauge.inc()
-        try:
-            outcome = await self.scheduler.submit(job)
-        except asyncio.CancelledError:
-            job.cancelled.set()  # the caller left: stop the solve within one iteration
-            raise
-        finally:
-            gauge.dec()
-        result = outcome.result
-        hit_deadline = deadline is not None and time.monotonic() >= deadline
-        partial = bool((result.status == Status.DEADLINE).any())
-        if hit_deadline and partial and not request.solver.allow_partial:
-            raise DeadlineExceededError(
-                "deadline reached before every sample converged; set allow_partial for the "
-                "best iterates with status DEADLINE"
-            )
-        response = pb.InferResponse(
-            output=tensors.encode(outcome.y),
-            iterations=result.iterations.tolist(),
-            residual=result.residual.double().tolist(),
-            status=result.status.tolist(),
-            model_version=version.version,
-            timings=pb.Timings(
-                queue_seconds=outcome.queue_seconds,
-                solve_seconds=outcome.solve_seconds,
-                total_seconds=time.monotonic() - received,
+        """One deq.v1 Infer (unary or a stream item) through the shared data plane."""
+        call = InferCall(
+            model=request.model,
+            version=request.version,
+            input=WireTensor.of(request.input),
+            solver=validate.SolverRequest.of(request.solver),
+            initial_state=(
+                WireTensor.of(request.initial_state) if request.HasField("initial_state") else None
             ),
+            return_state=request.return_state,
         )
-        if request.return_state:
-            response.state.CopyFrom(tensors.encode(result.z))
-        return response
-
-    def _count(self, model: str, code: grpc.StatusCode, seconds: float) -> None:
-        # Unknown names share one label value: clients must not mint new series.
-        label = model if model in self.registry.models else "unknown"
-        self.metrics.requests.labels(label, code.name).inc()
-        self.metrics.request_seconds.labels(label).observe(seconds)
-
-    async def infer_counted(
-        self, request: pb.InferRequest, time_remaining: float | None
-    ) -> pb.InferResponse:
-        """`infer` plus the request counter and latency histogram, for every protocol."""
-        start, code = time.monotonic(), grpc.StatusCode.OK
-        try:
-            return await self.infer(request, time_remaining)
-        except BaseException as exc:
-            code = code_of(exc)
-            raise
-        finally:
-            self._count(request.model, code, time.monotonic() - start)
+        return infer_response(await self.inference.run(call, time_remaining))
 
     @unary
     async def Infer(
         self, request: pb.InferRequest, context: grpc.aio.ServicerContext
     ) -> pb.InferResponse:
-        return await self.infer_counted(request, context.time_remaining())
+        return await self.infer(request, context.time_remaining())
 
     @streaming_writes
     async def InferStream(
@@ -307,7 +245,7 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
                 )
                 return
             try:
-                response = await self.infer_counted(item.request, context.time_remaining())
+                response = await self.infer(item.request, context.time_remaining())
                 message = pb.InferStreamResponse(request_id=item.request_id, response=response)
                 size = message.ByteSize()
                 if size > limit:  # sending it would end the whole stream

@@ -9,6 +9,7 @@ exactly a float32, so the cast to the serving dtype is exact.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,8 +28,22 @@ _STORAGE: dict[int, torch.dtype] = {
 _TO_WIRE = {torch_dtype: code for code, torch_dtype in TORCH_DTYPES.items()}
 
 
-def decode(t: pb.Tensor, field: str, *, max_elements: int) -> torch.Tensor:
-    """The tensor in `t`, checked: known dtype, non-negative shape, byte count, element cap."""
+@dataclass(frozen=True)
+class WireTensor:
+    """A tensor as a request carried it, whatever the protocol: a wire dtype code, a shape and
+    the little-endian bytes (the OIP raw contents or a deq.v1 Tensor's data), unchecked."""
+
+    dtype: int
+    shape: tuple[int, ...]
+    data: bytes
+
+    @classmethod
+    def of(cls, t: pb.Tensor) -> WireTensor:
+        return cls(t.dtype, tuple(t.shape), t.data)
+
+
+def _check(t: WireTensor, field: str, max_elements: int) -> None:
+    """Known dtype, a non-negative batch-first shape, the element cap and the byte count."""
     if t.dtype not in DTYPES:
         names = sorted(pb.DataType.Name(c) for c in DTYPES)
         raise invalid(
@@ -36,7 +51,7 @@ def decode(t: pb.Tensor, field: str, *, max_elements: int) -> torch.Tensor:
             f"one of {names}",
             pb.DataType.Name(t.dtype) if t.dtype in pb.DataType.values() else t.dtype,
         )
-    shape = tuple(t.shape)
+    shape = t.shape
     if not 1 <= len(shape) <= 16 or any(not 0 <= d <= max_elements for d in shape):
         # each size capped too: [0, 2**40, 2**40] holds no element but no array can take it
         raise invalid(
@@ -54,7 +69,23 @@ def decode(t: pb.Tensor, field: str, *, max_elements: int) -> torch.Tensor:
             f"{count * itemsize} bytes for shape {list(shape)}",
             f"{len(t.data)} bytes",
         )
+
+
+def decode(t: pb.Tensor, field: str, *, max_elements: int) -> torch.Tensor:
+    """The tensor in `t`, checked: known dtype, non-negative shape, byte count, element cap."""
+    _check(WireTensor.of(t), field, max_elements)
     return to_torch(t)
+
+
+def decode_array(t: WireTensor, field: str, *, max_elements: int) -> np.ndarray:
+    """The values of `t` as a native-endian numpy array, checked as `decode` checks; bfloat16
+    (which numpy lacks) widened to float32, exactly. No torch call: for the event loop."""
+    _check(t, field, max_elements)
+    storage = DTYPES[t.dtype].storage
+    array = np.frombuffer(t.data, dtype=storage).reshape(t.shape)
+    if t.dtype == pb.DATA_TYPE_BFLOAT16:  # its 16 bits are the top half of a float32's
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array.astype(storage.newbyteorder("="), copy=False)
 
 
 def to_torch(t: pb.Tensor) -> torch.Tensor:

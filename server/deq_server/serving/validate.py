@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_client.wire import METHODS, STOP_MODES, name_of
-from deq_server.core import DEQModel
 
 from . import tensors
 from .config import ServerConfig
@@ -34,73 +35,104 @@ def _name(field: str, value: int, table: Mapping[str, int]) -> str:
     return name
 
 
-def solver_options(opts: pb.SolverOptions, batch: int, config: ServerConfig) -> dict[str, Any]:
-    """Per-call solver keyword arguments for `DEQModel.__call__` (unset = model default)."""
+@dataclass(frozen=True)
+class SolverRequest:
+    """A request's solver settings as its protocol carried them, names already decoded, not
+    yet checked (None: unset, the model's default)."""
+
+    tol: float | None = None
+    sample_tol: tuple[float, ...] = ()
+    max_iter: int | None = None
+    method: str | None = None
+    stop_mode: str | None = None
+    budget_ms: float | None = None
+    allow_partial: bool = False
+
+    @classmethod
+    def of(cls, opts: pb.SolverOptions) -> SolverRequest:
+        """From deq.v1 SolverOptions (an unknown enum number is refused, listing the names)."""
+        return cls(
+            tol=opts.tol if opts.HasField("tol") else None,
+            sample_tol=tuple(opts.sample_tol),
+            max_iter=opts.max_iter if opts.HasField("max_iter") else None,
+            method=_name("solver.method", opts.method, METHODS) if opts.method else None,
+            stop_mode=(
+                _name("solver.stop_mode", opts.stop_mode, STOP_MODES) if opts.stop_mode else None
+            ),
+            budget_ms=opts.budget_ms if opts.HasField("budget_ms") else None,
+            allow_partial=opts.allow_partial,
+        )
+
+
+def solver_settings(req: SolverRequest, batch: int, config: ServerConfig) -> dict[str, Any]:
+    """Per-call solver keyword arguments for `DEQModel.__call__` (unset = model default), every
+    value range-checked against the server's caps, the same for every protocol."""
     out: dict[str, Any] = {}
-    if opts.sample_tol:
-        if len(opts.sample_tol) != batch:
+    if req.sample_tol:
+        if len(req.sample_tol) != batch:
             raise invalid(
-                "solver.sample_tol", f"{batch} values (one per sample)", len(opts.sample_tol)
+                "solver.sample_tol", f"{batch} values (one per sample)", len(req.sample_tol)
             )
-        for i, value in enumerate(opts.sample_tol):
+        for i, value in enumerate(req.sample_tol):
             _check_tol(f"solver.sample_tol[{i}]", value, config.min_tol)
-        out["tol"] = torch.tensor(list(opts.sample_tol), dtype=torch.float64)
-    elif opts.HasField("tol"):
-        _check_tol("solver.tol", opts.tol, config.min_tol)
-        out["tol"] = opts.tol
-    if opts.HasField("max_iter"):
-        if not 1 <= opts.max_iter <= config.max_iter_cap:
-            raise invalid("solver.max_iter", f"1..{config.max_iter_cap}", opts.max_iter)
-        out["max_iter"] = opts.max_iter
-    if opts.method != pb.SOLVER_METHOD_UNSPECIFIED:
-        out["method"] = _name("solver.method", opts.method, METHODS)
-    if opts.stop_mode != pb.STOP_MODE_UNSPECIFIED:
-        out["stop_mode"] = _name("solver.stop_mode", opts.stop_mode, STOP_MODES)
-    if opts.HasField("budget_ms") and not (math.isfinite(opts.budget_ms) and opts.budget_ms > 0):
-        raise invalid("solver.budget_ms", "a finite number > 0", opts.budget_ms)
+        out["tol"] = torch.tensor(req.sample_tol, dtype=torch.float64)
+    elif req.tol is not None:
+        _check_tol("solver.tol", req.tol, config.min_tol)
+        out["tol"] = req.tol
+    if req.max_iter is not None:
+        if not 1 <= req.max_iter <= config.max_iter_cap:
+            raise invalid("solver.max_iter", f"1..{config.max_iter_cap}", req.max_iter)
+        out["max_iter"] = req.max_iter
+    if req.method is not None:
+        if req.method not in METHODS:
+            raise invalid("solver.method", f"one of {sorted(METHODS)}", req.method)
+        out["method"] = req.method
+    if req.stop_mode is not None:
+        if req.stop_mode not in STOP_MODES:
+            raise invalid("solver.stop_mode", f"one of {sorted(STOP_MODES)}", req.stop_mode)
+        out["stop_mode"] = req.stop_mode
+    if req.budget_ms is not None and not (math.isfinite(req.budget_ms) and req.budget_ms > 0):
+        raise invalid("solver.budget_ms", "a finite number > 0", req.budget_ms)
     return out
 
 
-def batch_tensor(
-    t: pb.Tensor, field: str, sample_shape: tuple[int, ...], config: ServerConfig
-) -> torch.Tensor:
-    """A float batch shaped (B, *sample_shape), 1 <= B <= max_batch, all finite."""
+def solver_options(opts: pb.SolverOptions, batch: int, config: ServerConfig) -> dict[str, Any]:
+    """`solver_settings` of deq.v1 SolverOptions (Train's config, and tests)."""
+    return solver_settings(SolverRequest.of(opts), batch, config)
+
+
+def batch_array(
+    t: tensors.WireTensor, field: str, sample_shape: tuple[int, ...], config: ServerConfig
+) -> np.ndarray:
+    """A float batch shaped (B, *sample_shape), 1 <= B <= max_batch, all finite, checked with
+    numpy (no torch call, so cheap on the event loop)."""
     if not t.shape:
         raise invalid(field, f"a tensor shaped [B, {', '.join(map(str, sample_shape))}]", "nothing")
-    x = tensors.decode(t, field, max_elements=config.max_batch * math.prod(sample_shape))
+    x = tensors.decode_array(t, field, max_elements=config.max_batch * math.prod(sample_shape))
     if tuple(x.shape[1:]) != sample_shape:
         expected = f"shape [B, {', '.join(map(str, sample_shape))}]"
         raise invalid(f"{field}.shape", expected, list(x.shape))
     if not 1 <= x.shape[0] <= config.max_batch:
         raise invalid(f"{field}.shape[0]", f"a batch of 1..{config.max_batch}", x.shape[0])
-    if not x.is_floating_point():
+    if x.dtype.kind != "f":
         raise invalid(f"{field}.dtype", "a floating type", t.dtype)
-    if not bool(torch.isfinite(x).all()):
+    if not np.isfinite(x).all():
         raise invalid(f"{field}.data", "finite values", "NaN or Inf")
     return x
 
 
-def model_inputs(
-    request: pb.InferRequest, model: DEQModel, config: ServerConfig
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The request's input batch and optional warm start, checked against the model."""
-    x = batch_tensor(request.input, "input", model.input_shape, config)
-    z0 = None
-    if request.HasField("initial_state") and request.initial_state.shape:
-        z0 = batch_tensor(request.initial_state, "initial_state", model.state_shape, config)
-        if z0.shape[0] != x.shape[0]:
-            raise invalid("initial_state.shape[0]", f"the input's batch {x.shape[0]}", z0.shape[0])
-    return x, z0
+def batch_tensor(
+    t: pb.Tensor, field: str, sample_shape: tuple[int, ...], config: ServerConfig
+) -> torch.Tensor:
+    """`batch_array` of a deq.v1 Tensor, as a torch tensor in its own float dtype."""
+    x = batch_array(tensors.WireTensor.of(t), field, sample_shape, config)
+    return torch.from_numpy(np.array(x))  # owned and writable
 
 
-def cast(x: torch.Tensor, dtype: torch.dtype, field: str) -> torch.Tensor:
-    """`x` in the serving dtype, refused if a narrowing cast overflowed values to Inf.
-
-    `x` was checked finite on arrival, so only a change of dtype needs another look.
-    """
-    if x.dtype == dtype:
-        return x
-    y = x.to(dtype=dtype)
-    if not bool(torch.isfinite(y).all()):
+def cast_array(x: np.ndarray, dtype: np.dtype, field: str) -> np.ndarray:
+    """`x` as an owned array of the serving dtype, refused if a narrowing cast overflowed values
+    to Inf (`x` was checked finite on arrival, so only a change of dtype needs another look)."""
+    y = np.array(x, dtype=dtype)  # a copy: the request's bytes stay the request's
+    if y.dtype != x.dtype and not np.isfinite(y).all():
         raise invalid(field, f"values within the {dtype} range", "values that overflow it")
     return y
