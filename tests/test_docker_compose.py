@@ -142,5 +142,6 @@ def test_compose_runs_the_service_and_keeps_commits_in_its_volume(
     wait_healthy(container)
     with DEQClient(target, timeout=60) as client:
         (served,) = client.list_models()
-        assert served.versions == ["2"]  # read back from the volume, not the bundled demo
+        # both read back from the volume: the demo seeded there as version 1, and the commit
+        assert served.versions == ["1", "2"]
         assert client.infer(MODEL, digits_inputs(2)).model_version == "2"

@@ -95,14 +95,14 @@ def test_container_turns_healthy_serves_trains_and_drains(container: Any) -> Non
 
     with DEQClient(f"127.0.0.1:{grpc_port}", timeout=60) as client:
         (demo,) = client.list_models()
-        assert (demo.name, demo.versions) == (MODEL, ["1"])  # bundled, no volume mounted
+        assert (demo.name, demo.versions) == (MODEL, ["1"])  # the demo, seeded into /models
         infer_mixed(client)
         infer_capped(client)
         infer_refused(client)
         assert train_briefly(client) == "2"  # committed to /models by the non-root user
         assert client.infer(MODEL, digits_inputs(1)).model_version == "2"
     listing = running.exec_run(["ls", "/models/digits"]).output.decode().split()
-    assert listing == ["2.safetensors"]
+    assert listing == ["1.safetensors", "2.safetensors"]  # the seeded demo, then the commit
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         metrics = response.read().decode()
