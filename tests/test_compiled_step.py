@@ -1,6 +1,6 @@
-"""The compiled slot step (`--compile-step`, issue 12): torch.compile'd programs per bucket of
-busy slots give the eager step's answers (float64, CPU), and a cell the compiler cannot take
-runs eagerly instead of failing."""
+"""The compiled solver (`--compile-step`, issue 12): torch.compile'd slot steps per bucket of
+busy slots, and `solve`'s compiled iterations (dynamic batch size), give the eager answers
+(float64, CPU); a cell the slot compiler cannot take runs eagerly instead of failing."""
 
 from __future__ import annotations
 
@@ -105,3 +105,19 @@ def test_a_server_with_compiled_steps_answers_as_one_without(tmp_path) -> None: 
     eager, compiled = answers
     assert compiled.iterations.tolist() == eager.iterations.tolist()
     np.testing.assert_allclose(compiled.output, eager.output, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_solve_gives_the_eager_answers_in_float64() -> None:
+    """The request scheduler's path: `solve` with its iterations compiled (dynamic batch size:
+    the sizes below share one program, apart from 1), per-sample tolerances, a hook."""
+    model = digits()
+    for rows in (1, 3, 15):
+        x = X[:rows]
+        tol = torch.tensor([10.0 ** -(2 + i % 9) for i in range(rows)], dtype=torch.float64)
+        with torch.no_grad():
+            y_eager, eager = model(x, tol=tol, max_iter=60)
+            y_compiled, compiled = model(x, tol=tol, max_iter=60, compile=True)
+        assert compiled.iterations.tolist() == eager.iterations.tolist()
+        assert compiled.status.tolist() == eager.status.tolist()
+        torch.testing.assert_close(compiled.z, eager.z, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(y_compiled, y_eager, rtol=1e-12, atol=1e-12)

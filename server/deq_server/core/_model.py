@@ -163,8 +163,10 @@ class DEQModel(nn.Module):
         z0: Tensor | None = None,
         should_stop: StopHook | None = None,
         backward: str | dict[str, Any] | Backward | None = None,
+        compile: bool = False,
         **solver: Any,
     ) -> tuple[Tensor, SolveResult]:
+        """`compile`: the solve's iterations as a torch.compile program (see `solve`)."""
         opts = _call_options(self._config["solver"], solver)
         strategy = self.backward_strategy if backward is None else make_backward(backward)
         inj = self.inject(x)
@@ -172,7 +174,9 @@ class DEQModel(nn.Module):
         # Only the (no-grad) solve uses baked weights: `attach` must recompute them with
         # autograd history, or the weights' own parameters would get no gradient.
         cell = self._solver_cell()
-        result = solve(cell, start, args=(inj.detach(),), should_stop=should_stop, **opts)
+        result = solve(
+            cell, start, args=(inj.detach(),), should_stop=should_stop, compile=compile, **opts
+        )
         z = result.z
         # Attach whenever anything could receive a gradient: a frozen injection (inj without
         # grad) must not silently cut the cell's trainable weights off (any() stops at the first).

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ._methods import make_method
-from ._rows import STOP_MODES, Rows, observe, verdicts
+from ._rows import STOP_MODES, Observation, Rows, observe, verdicts
 from ._status import RUNNING, Status
 
 StopMode = str  # "abs" | "rel"
@@ -100,6 +100,35 @@ def _select_args(args: tuple[Any, ...], keep: Tensor) -> tuple[Any, ...]:
     return tuple(a.index_select(0, keep) if isinstance(a, Tensor) else a for a in args)
 
 
+def _advance(
+    f: Callable[..., Tensor],
+    step_fn: Any,
+    z: Tensor,
+    shape: torch.Size,
+    args: tuple[Any, ...],
+    rows: Rows,
+    state: Any,
+    stop_mode: str,
+    divergence: float,
+) -> tuple[Observation, Tensor]:
+    """One iteration on the active rows z (R, W): evaluate f, account for it (rows updated in
+    place), and propose the next iterate (the method's state updated in place)."""
+    fz = f(z.view(-1, *shape), *args).reshape(z.shape[0], -1)
+    seen = observe(rows, z, fz, stop_mode, divergence)
+    return seen, step_fn.step(state, z, seen.g)
+
+
+_COMPILED: list[Callable[..., tuple[Observation, Tensor]]] = []
+
+
+def _compiled_advance() -> Callable[..., tuple[Observation, Tensor]]:
+    """`_advance` compiled once per process (torch.compile keeps one program per cell and
+    method it meets, and a batch size of 1 apart from the dynamic one)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_advance, dynamic=True))
+    return _COMPILED[0]
+
+
 def solve(
     f: Callable[..., Tensor],
     z0: Tensor,
@@ -111,6 +140,7 @@ def solve(
     stop_mode: StopMode = "rel",
     should_stop: StopHook | None = None,
     divergence: float = 1e5,
+    compile: bool = False,
     **options: Any,
 ) -> SolveResult:
     """Find z = f(z, *args) for every sample of a batch, each to its own tolerance.
@@ -118,6 +148,8 @@ def solve(
     `tol`, `max_iter`: scalars or (B,) tensors. A row diverges when its absolute residual exceeds
     `divergence` times its first one; a row whose residual is not finite (its first one included)
     stops at once as NONFINITE. `options` go to the method (e.g. m, beta for anderson).
+    `compile`: each iteration's work (f, bookkeeping, method step) as one torch.compile program
+    with a dynamic batch size (compiled on first use; the same answers, see tests).
     Runs under no_grad; differentiate through `DEQModel`, which attaches implicit gradients.
     """
     if stop_mode not in STOP_MODES:
@@ -149,10 +181,12 @@ def solve(
         rows = Rows.start(z, tol_t, cap_t)
         state = step_fn.init(z)
         steps = 0
+        advance = _compiled_advance() if compile else _advance
         while z.shape[0] > 0:
-            fz = f(z.view(-1, *shape), *args).reshape(z.shape[0], width)
+            # the next iterate is proposed for every active row, the retiring ones too (a
+            # method's step is row-local, so the rows that stay get what they would alone)
+            seen, z_next = advance(f, step_fn, z, shape, args, rows, state, stop_mode, divergence)
             steps += 1
-            seen = observe(rows, z, fz, stop_mode, divergence)
             running, stop = seen.running, None
             if should_stop is not None:
                 stop = should_stop(Progress(steps, index, seen.res))
@@ -172,12 +206,10 @@ def solve(
                 if n_keep == 0:
                     break
                 rows, index = rows.select(keep), index.index_select(0, keep)
-                z, g = z.index_select(0, keep), seen.g.index_select(0, keep)
+                z_next = z_next.index_select(0, keep)
                 args = _select_args(args, keep)
                 state = step_fn.select(state, keep)
-            else:
-                g = seen.g
-            z = step_fn.step(state, z, g)
+            z = z_next
 
     return SolveResult(
         z=out_z.view_as(z0),

@@ -145,7 +145,9 @@ def make_scheduler(config: ServerConfig, metrics: Metrics, device: torch.device)
         metrics.batch_size.labels(model).observe(rows)
 
     if scheduler_for(config, device) == "request":
-        return RequestScheduler(config.workers, config.max_batch, on_batch=on_batch)
+        return RequestScheduler(
+            config.workers, config.max_batch, on_batch=on_batch, compile_step=config.compile_step
+        )
     return ContinuousScheduler(
         config.max_batch_slots,
         config.max_batch,

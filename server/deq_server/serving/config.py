@@ -82,7 +82,7 @@ _HELP = {
     "workers": "solver threads of the request scheduler (solver work never runs on the event loop)",
     "scheduler": "continuous (samples join and leave the solver batch every iteration), request (a batch runs until its slowest sample is done) or auto (request on a CPU, where it measured faster; continuous on a GPU)",
     "max_batch_slots": "solver slots per model version and method setting (continuous scheduler)",
-    "compile_step": "compile the continuous scheduler's solver step with torch.compile, one program per bucket of busy slots (1, 4, 16, ...; each compiled on first use, seconds on a CPU); a cell it cannot compile runs eagerly",
+    "compile_step": "compile the solver's iterations with torch.compile: the request scheduler's with a dynamic batch size, the continuous one's per bucket of busy slots (1, 4, 16, ...); each compiled on first use (seconds on a CPU); a cell the continuous one cannot compile runs eagerly",
     "torch_threads": "CPU threads per torch op (0: half the cores, the rest for gRPC and Python)",
     "grace_seconds": "how long in-flight calls may finish after SIGTERM",
     "strict_readiness": "report NOT_SERVING while any checkpoint found at start failed to load (until LoadModel serves that model); without it, SERVING once any model is served",

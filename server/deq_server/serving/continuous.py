@@ -309,7 +309,9 @@ class ContinuousScheduler:
         self._slots = slots
         self._compile = compile_step
         self._on_batch = on_batch
-        self._fallback = RequestScheduler(workers=1, max_batch=max_batch, on_batch=on_batch)
+        self._fallback = RequestScheduler(
+            workers=1, max_batch=max_batch, on_batch=on_batch, compile_step=compile_step
+        )
         self._inbox = _Inbox()
         self._cond = threading.Condition()
         self._lanes: dict[tuple[Any, ...], _Lane] = {}

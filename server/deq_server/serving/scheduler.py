@@ -157,11 +157,14 @@ def _per_row(
 
 
 def run_batch(
-    jobs: list[SolveJob], on_batch: Callable[[str, int], None] | None = None
+    jobs: list[SolveJob],
+    on_batch: Callable[[str, int], None] | None = None,
+    compile: bool = False,
 ) -> list[SolveOutcome]:
     """Solve compatible jobs as one batch (per-row tolerances and caps) on the calling thread.
 
-    `on_batch(model_name, rows)` is called once per batch (for deq_batch_size).
+    `on_batch(model_name, rows)` is called once per batch (for deq_batch_size); `compile`
+    solves with torch.compile'd iterations.
     """
     start = time.monotonic()
     model = frozen(jobs[0].model)
@@ -184,7 +187,7 @@ def run_batch(
             [job.z0.to(device) if job.z0 is not None else model.init_state(job.x) for job in jobs]
         )
     with torch.no_grad():
-        y, result = model(x, z0=z0, should_stop=stop_hook(jobs, row_job), **solver)
+        y, result = model(x, z0=z0, should_stop=stop_hook(jobs, row_job), compile=compile, **solver)
     y, z = y.cpu(), result.z.cpu()
     iterations, residual, status = (
         result.iterations.cpu(),
@@ -239,8 +242,10 @@ class RequestScheduler:
         workers: int = 1,
         max_batch: int = 256,
         on_batch: Callable[[str, int], None] | None = None,
+        compile_step: bool = False,
     ) -> None:
         self._on_batch = on_batch
+        self._compile = compile_step
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deq-solver")
         self._workers = workers
         self._max_batch = max_batch
@@ -295,7 +300,7 @@ class RequestScheduler:
                 continue
             try:
                 outcomes = await loop.run_in_executor(
-                    self._executor, run_batch, [j for j, _ in batch], self._on_batch
+                    self._executor, run_batch, [j for j, _ in batch], self._on_batch, self._compile
                 )
             except asyncio.CancelledError:  # close(): nobody will finish this batch
                 _fail([future for _, future in batch])
