@@ -127,3 +127,23 @@ def test_without_poll_the_directory_is_read_at_start_only(tmp_path: Path) -> Non
     with running_server(model_dir=tmp_path) as server:
         assert server.poller is None
         assert server._poll_task is None
+
+
+def test_a_giant_version_number_on_disk_pushes_no_number_past_what_clients_can_pin(
+    tmp_path: Path,
+) -> None:
+    """Numbers beyond 18 digits (what a request may pin) are neither versions nor claims."""
+    giant = "9" * 19
+    (tmp_path / "digits").mkdir()
+    place(DIGITS, tmp_path / "digits" / "1.safetensors")
+    place(DIGITS, tmp_path / "digits" / f"{giant}.safetensors")
+    (tmp_path / "digits" / f".{giant}.claim").touch()
+    with polled(tmp_path) as (server, client):
+        assert client.get_model("digits").versions == ["1"]
+        assert poll(server) == PollResult()
+        events = list(
+            client.train(
+                "digits", [(X, np.array([3]))], {"loss": "cross_entropy", "learning_rate": 1e-3}
+            )
+        )
+        assert events[-1].version == "2"

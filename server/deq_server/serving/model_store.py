@@ -23,8 +23,10 @@ from pathlib import Path
 from deq_server.core import CHECKPOINT_SUFFIXES
 
 log = logging.getLogger("deq_server.registry")
-_VERSION_FILE = re.compile(r"^(\d+)\.(?:safetensors|pt2)$")
-_CLAIM_FILE = re.compile(r"^\.(\d+)\.claim$")
+# Up to 18 digits, as a request may pin: a file named with a larger number (crafted, or a typo)
+# is no version, and cannot push every later number past what clients can ask for.
+_VERSION_FILE = re.compile(r"^(\d{1,18})\.(?:safetensors|pt2)$")
+_CLAIM_FILE = re.compile(r"^\.(\d{1,18})\.claim$")
 _logged: set[str] = set()  # skip reasons already logged: a poll rescans every few seconds
 
 
