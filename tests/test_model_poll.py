@@ -147,3 +147,22 @@ def test_a_giant_version_number_on_disk_pushes_no_number_past_what_clients_can_p
             )
         )
         assert events[-1].version == "2"
+
+
+def test_a_loop_of_links_in_the_model_dir_is_skipped_not_a_crash(tmp_path: Path) -> None:
+    """A link to itself (Python 3.11's resolve raises RuntimeError on it) at start, in a poll,
+    in a version folder and as LoadModel's path: skipped or INVALID_ARGUMENT, never INTERNAL."""
+    place(DIGITS, tmp_path / "digits" / "1.safetensors")
+    (tmp_path / "loop.safetensors").symlink_to("loop.safetensors")
+    with polled(tmp_path) as (server, client):
+        assert sorted(server.registry.models) == ["digits"]
+        (tmp_path / "digits" / "2.safetensors").symlink_to("2.safetensors")
+        assert poll(server) == PollResult()
+        with pytest.raises(DEQError) as err:
+            client.load_model("again", "loop.safetensors")
+        assert err.value.code.name == "INVALID_ARGUMENT"
+        # a commit takes the looped name's number: its file replaces the link
+        config = {"loss": "cross_entropy", "learning_rate": 1e-3}
+        events = list(client.train("digits", [(X, np.array([3]))], config))
+        assert events[-1].version == "2"
+        assert (tmp_path / "digits" / "2.safetensors").is_file()

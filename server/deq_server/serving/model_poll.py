@@ -80,8 +80,11 @@ class ModelPoller:
         root = self.model_dir.resolve()
         for name, served in list(self.registry.models.items()):
             for version, entry in list(served.versions.items()):
-                path = entry.path.resolve()
-                if path.is_relative_to(root) and not path.exists():
+                try:
+                    path = entry.path.resolve()
+                except RuntimeError:  # replaced by a loop of links: gone as a checkpoint
+                    path = entry.path.absolute()
+                if path.is_relative_to(root) and not path.is_file():
                     last = self.registry.retire(name, version)
                     self.on_stopped(name, version, last)
                     result.stopped.append((name, version))

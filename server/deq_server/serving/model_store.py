@@ -37,6 +37,22 @@ def _log_once(message: str) -> None:
         log.error("%s", message)
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a link loop
+        return False
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path`, links followed, lies in `root`; a link loop (or a path the system cannot
+    resolve) does not."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # RuntimeError: Python 3.11's "Symlink loop"
+        return False
+
+
 def discover(model_dir: Path | None) -> dict[str, dict[str, Path]]:
     """name -> version -> checkpoint path, from the directory layout above."""
     found: dict[str, dict[str, Path]] = {}
@@ -49,8 +65,8 @@ def discover(model_dir: Path | None) -> dict[str, dict[str, Path]]:
     def note(name: str, version: str, path: Path) -> None:
         # Confined as LoadModel is: a link may not leave the directory, and only regular
         # files count (a FIFO or a device would hang or never end).
-        if not path.resolve().is_relative_to(root):
-            _log_once(f"skipping {path}: it links outside the model directory")
+        if not _inside(path, root):
+            _log_once(f"skipping {path}: it links outside the model directory, or in a loop")
             return
         if not path.is_file():
             _log_once(f"skipping {path}: not a regular file")
@@ -62,9 +78,9 @@ def discover(model_dir: Path | None) -> dict[str, dict[str, Path]]:
     for path in sorted(model_dir.iterdir()):
         if path.suffix in CHECKPOINT_SUFFIXES:
             note(path.stem, "1", path)
-    for folder in sorted(p for p in model_dir.iterdir() if p.is_dir()):
-        if not folder.resolve().is_relative_to(root):
-            _log_once(f"skipping {folder}: it links outside the model directory")
+    for folder in sorted(p for p in model_dir.iterdir() if _is_dir(p)):
+        if not _inside(folder, root):
+            _log_once(f"skipping {folder}: it links outside the model directory, or in a loop")
             continue
         for path in sorted(folder.iterdir()):
             match = _VERSION_FILE.match(path.name)

@@ -102,6 +102,10 @@ def confined_path(model_dir: Path | None, relative: str) -> Path:
             raise NotFoundError(f"no checkpoint at {relative!r} in the model directory")
     except OSError as exc:  # a name too long for the filesystem, a loop of links, ...
         raise invalid("path", "a usable path inside the model directory", exc.strerror) from None
+    except RuntimeError:  # Python 3.11's Path.resolve on a loop of links
+        raise invalid(
+            "path", "a usable path inside the model directory", "a loop of links"
+        ) from None
     return path
 
 
