@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from deq_client._errors import InvalidArgumentError, MalformedResponseError
 from deq_client.pb.deq.v1 import deq_pb2 as pb
-from deq_client.wire import DTYPES
+from deq_client.wire import DTYPES, wire_values
 
 
 class SupportsDetach(Protocol):
@@ -127,13 +127,8 @@ def from_proto(tensor: pb.Tensor, name: str = "tensor") -> npt.NDArray[Any]:
             f"{name}.data: {len(data)} bytes, expected {expected} "
             f"(shape {list(shape)} x {storage.itemsize}-byte {dtype_name(tensor.dtype)})"
         )
-    flat = np.frombuffer(data, dtype=storage, count=count)
-    if tensor.dtype == pb.DATA_TYPE_BFLOAT16:
-        values = (flat.astype(np.uint32) << np.uint32(16)).view(np.float32)
-    else:
-        values = flat.astype(storage.newbyteorder("="))
     try:
-        return values.reshape(shape)
+        return wire_values(data, tensor.dtype, shape)
     except ValueError as error:  # e.g. a zero-size shape whose other dimensions overflow
         raise MalformedResponseError(
             f"{name}.shape: {list(shape)} is not a valid array shape"

@@ -9,6 +9,7 @@ say: each ``DataType``'s Open Inference Protocol name and the numpy dtype of its
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -86,3 +87,17 @@ DTYPES: dict[int, WireDtype] = {
     )
 }
 """``DataType`` value -> its ``WireDtype``, for every value but ``DATA_TYPE_UNSPECIFIED``."""
+
+
+def wire_values(data: bytes, code: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The values of a tensor's wire bytes (`code` a ``DTYPES`` key, the byte count already
+    checked against `shape`) as a native-endian array; bfloat16, which numpy lacks, widened to
+    float32, exactly (its 16 bits are the upper half of a float32's). Always a new, writable
+    array: the message's bytes stay the message's."""
+    storage = DTYPES[code].storage
+    flat = np.frombuffer(data, dtype=storage, count=math.prod(shape))
+    if code == pb.DATA_TYPE_BFLOAT16:
+        values = (flat.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    else:
+        values = flat.astype(storage.newbyteorder("="))
+    return values.reshape(shape)

@@ -13,6 +13,7 @@ from ._checkpoint import (
     save_checkpoint,
 )
 from ._convert import mlp_to_deq
+from ._files import atomic_write
 from ._implicit import IFT, JFB, Backward, Phantom, make_backward
 from ._methods import METHODS
 from ._model import DEQModel, nonfinite_outputs
@@ -44,6 +45,7 @@ __all__ = [
     "SolveResult",
     "Status",
     "StopHook",
+    "atomic_write",
     "checked_probe",
     "export_deq",
     "load_checkpoint",

@@ -119,7 +119,8 @@ class Anderson:
         )
 
     def step(self, state: _AndersonState, z: Tensor, g: Tensor) -> Tensor:
-        # The driver only steps rows with a finite residual, so z and g are finite here.
+        # Rows are independent: a row whose residual went non-finite (it retires) gets a
+        # non-finite system, a plain step, and no say in its neighbours' steps.
         # On a row's first step its column is zero, the system singular, and the step plain.
         slot, m = state.slot, self.m
         at = slot.view(1)

@@ -2,13 +2,14 @@
 
 Every iteration evaluates f only on the rows still active, accounts for it with the shared row
 kernel (`_rows.observe`: residuals, best iterate, who keeps running), retires rows that met their
-tolerance (or their cap, diverged, went non-finite, or were stopped by the caller's hook),
-compacts the active set, then lets the method propose the next iterate. The only host
+tolerance (or their cap, diverged, went non-finite, or were stopped by the caller's hook), and
+compacts the active set and the iterate the method proposed for it. The only host
 synchronisation per iteration is reading how many rows retired.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -118,15 +119,11 @@ def _advance(
     return seen, step_fn.step(state, z, seen.g)
 
 
-_COMPILED: list[Callable[..., tuple[Observation, Tensor]]] = []
-
-
+@functools.cache
 def _compiled_advance() -> Callable[..., tuple[Observation, Tensor]]:
     """`_advance` compiled once per process (torch.compile keeps one program per cell and
     method it meets, and a batch size of 1 apart from the dynamic one)."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_advance, dynamic=True))
-    return _COMPILED[0]
+    return torch.compile(_advance, dynamic=True)
 
 
 def solve(

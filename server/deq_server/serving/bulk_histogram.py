@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
+
+
+@dataclass
+class _Series:
+    """One label set: counts per bucket (the last for +Inf) and the sum of the observations."""
+
+    counts: np.ndarray
+    total: float = 0.0
 
 
 class BulkHistogram(Collector):
@@ -32,9 +41,9 @@ class BulkHistogram(Collector):
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._bounds = np.asarray(buckets, dtype=np.float64)
+        self._edges = [*(floatToGoString(b) for b in self._bounds), "+Inf"]  # `le` as written
         self._lock = threading.Lock()
-        # labels -> (per-bucket counts, the last one for +Inf; sum of observations)
-        self._series: dict[tuple[str, ...], tuple[np.ndarray, list[float]]] = {}
+        self._series: dict[tuple[str, ...], _Series] = {}
         registry.register(self)
 
     def observe_many(self, labels: Sequence[str], values: np.ndarray) -> None:
@@ -46,13 +55,10 @@ class BulkHistogram(Collector):
         # bucket i holds values in (bounds[i-1], bounds[i]]: `le` is inclusive
         where = np.searchsorted(self._bounds, values, side="left")
         counts = np.bincount(where, minlength=len(self._bounds) + 1)
-        key = tuple(labels)
         with self._lock:
-            series = self._series.get(key)
-            if series is None:
-                series = self._series[key] = (np.zeros(len(self._bounds) + 1, np.int64), [0.0])
-            series[0][:] += counts
-            series[1][0] += float(values.sum())
+            series = self._series.setdefault(tuple(labels), _Series(np.zeros_like(counts)))
+            series.counts += counts
+            series.total += float(values.sum())
 
     def remove(self, *labels: str) -> None:
         with self._lock:
@@ -61,13 +67,8 @@ class BulkHistogram(Collector):
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         with self._lock:
-            snapshot = [(k, c.copy(), s[0]) for k, (c, s) in self._series.items()]
-        for labels, counts, total in snapshot:
-            cumulative = np.cumsum(counts)
-            edges = [*(floatToGoString(b) for b in self._bounds), "+Inf"]
-            family.add_metric(
-                list(labels),
-                [(edge, float(n)) for edge, n in zip(edges, cumulative, strict=True)],
-                total,
-            )
+            snapshot = [(k, np.cumsum(s.counts), s.total) for k, s in self._series.items()]
+        for labels, cumulative, total in snapshot:
+            buckets = [(edge, float(n)) for edge, n in zip(self._edges, cumulative, strict=True)]
+            family.add_metric(list(labels), buckets, total)
         yield family

@@ -87,7 +87,9 @@ class Inference:
             self.metrics.requests.labels(label, code.name).inc()
             self.metrics.request_seconds.labels(label).observe(time.monotonic() - start)
 
-    def _inputs(self, call: InferCall, sample: tuple[int, ...], state: tuple[int, ...]) -> tuple:
+    def _inputs(
+        self, call: InferCall, sample: tuple[int, ...], state: tuple[int, ...]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """The input batch and optional warm start, checked and cast to the serving dtype."""
         x = validate.batch_array(call.input, "input", sample, self.config)
         x = validate.cast_array(x, self._np_dtype, "input.data")

@@ -72,6 +72,8 @@ class ModelPoller:
             result = PollResult()
             self._stop_removed(result)
             found = await asyncio.to_thread(discover, self.model_dir)
+            present = {path for versions in found.values() for path in versions.values()}
+            self._refused = {p: sig for p, sig in self._refused.items() if p in present}
             for name, versions in sorted(found.items()):
                 await self._serve_new(name, versions, result)
             return result

@@ -15,12 +15,10 @@ import contextlib
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from deq_server.core import CHECKPOINT_SUFFIXES
+from deq_server.core import CHECKPOINT_SUFFIXES, atomic_write
 
 log = logging.getLogger("deq_server.registry")
 # Up to 18 digits, as a request may pin: a file named with a larger number (crafted, or a typo)
@@ -153,23 +151,9 @@ def seed_with(model_dir: Path, checkpoints: Mapping[str, Path]) -> bool:
             return False
         for name, source in checkpoints.items():
             (model_dir / name).mkdir(exist_ok=True)
-            _copy_atomically(source, model_dir / name / f"1{source.suffix}")
+            atomic_write(model_dir / name / f"1{source.suffix}", source.read_bytes())
     except OSError as exc:
         log.warning("cannot seed the model directory %s: %s", model_dir, exc)
         return False
     log.info("seeded %s with %s as version 1", model_dir, sorted(checkpoints))
     return True
-
-
-def _copy_atomically(source: Path, target: Path) -> None:
-    """Copy to a temp file named as commits name theirs (so a crash leaves one that start-up
-    removes), then rename: the target is whole or absent."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,12 +1,13 @@
 """`inference.GRPCInferenceService`: the KServe v2 / Open Inference Protocol over the same solver.
 
-ModelInfer decodes into the data plane's `InferCall` (inference.py), as deq.v1 Infer does, so both
-protocols share validation, scheduling and metrics, with no detour through deq.v1 messages. Solver options travel in the request
-`parameters` (tol, budget_ms, max_iter, method, stop_mode, allow_partial; tol and budget_ms as a
-double, an integer or a numeric string, since KServe's proto has no double); besides `output`, the
-response carries per-sample `iterations` (INT64), `residual` (FP64) and `status` (INT32, the
-SampleStatus numbers) as extra outputs. Inputs (FP32, FP64, FP16 or BF16) may come as raw_input_contents, or
-as typed contents for FP32 and FP64 (the protocol has none for the 16-bit types).
+ModelInfer decodes into the data plane's `InferCall` (inference.py), as deq.v1 Infer does, so
+both protocols share validation, scheduling and metrics, with no detour through deq.v1 messages.
+Solver options travel in the request `parameters` (tol, budget_ms, max_iter, method,
+stop_mode, allow_partial; tol and budget_ms as a double, an integer or a numeric string, since
+KServe's proto has no double); besides `output`, the response carries per-sample `iterations`
+(INT64), `residual` (FP64) and `status` (INT32, the SampleStatus numbers) as extra outputs.
+Inputs (FP32, FP64, FP16 or BF16) may come as raw_input_contents, or as typed contents for FP32
+and FP64 (the protocol has none for the 16-bit types).
 """
 
 from __future__ import annotations

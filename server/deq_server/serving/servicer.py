@@ -173,10 +173,9 @@ class DEQServicer(deq_pb2_grpc.DEQServiceServicer):
         self, registry: Registry, scheduler: Scheduler, metrics: Metrics, config: ServerConfig
     ) -> None:
         self.registry = registry
-        self.scheduler = scheduler
         self.metrics = metrics
         self.config = config
-        self.inference = Inference(registry, scheduler, metrics, config)
+        self.inference = Inference(registry, scheduler, metrics, config)  # the data plane
         self.stream_cap = infer_stream_cap(config)
         self.open_streams = 0
 

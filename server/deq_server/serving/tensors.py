@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from deq_client.pb.deq.v1 import deq_pb2 as pb
-from deq_client.wire import DTYPES
+from deq_client.wire import DTYPES, wire_values
 
 from .errors import invalid
 
@@ -78,14 +78,10 @@ def decode(t: pb.Tensor, field: str, *, max_elements: int) -> torch.Tensor:
 
 
 def decode_array(t: WireTensor, field: str, *, max_elements: int) -> np.ndarray:
-    """The values of `t` as a native-endian numpy array, checked as `decode` checks; bfloat16
-    (which numpy lacks) widened to float32, exactly. No torch call: for the event loop."""
+    """The values of `t` as a new native-endian numpy array (the SDK's decoding), checked as
+    `decode` checks; bfloat16 widened to float32. No torch call: for the event loop."""
     _check(t, field, max_elements)
-    storage = DTYPES[t.dtype].storage
-    array = np.frombuffer(t.data, dtype=storage).reshape(t.shape)
-    if t.dtype == pb.DATA_TYPE_BFLOAT16:  # its 16 bits are the top half of a float32's
-        return (array.astype(np.uint32) << 16).view(np.float32)
-    return array.astype(storage.newbyteorder("="), copy=False)
+    return wire_values(t.data, t.dtype, t.shape)
 
 
 def to_torch(t: pb.Tensor) -> torch.Tensor:

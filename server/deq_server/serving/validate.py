@@ -125,14 +125,14 @@ def batch_tensor(
     t: pb.Tensor, field: str, sample_shape: tuple[int, ...], config: ServerConfig
 ) -> torch.Tensor:
     """`batch_array` of a deq.v1 Tensor, as a torch tensor in its own float dtype."""
-    x = batch_array(tensors.WireTensor.of(t), field, sample_shape, config)
-    return torch.from_numpy(np.array(x))  # owned and writable
+    return torch.from_numpy(batch_array(tensors.WireTensor.of(t), field, sample_shape, config))
 
 
 def cast_array(x: np.ndarray, dtype: np.dtype, field: str) -> np.ndarray:
-    """`x` as an owned array of the serving dtype, refused if a narrowing cast overflowed values
-    to Inf (`x` was checked finite on arrival, so only a change of dtype needs another look)."""
-    y = np.array(x, dtype=dtype)  # a copy: the request's bytes stay the request's
-    if y.dtype != x.dtype and not np.isfinite(y).all():
+    """`x` in the serving dtype (itself when it has it already), refused if a narrowing cast
+    overflowed values to Inf (`x` was checked finite on arrival, so only a change of dtype needs
+    another look)."""
+    y = x.astype(dtype, copy=False)
+    if y is not x and not np.isfinite(y).all():
         raise invalid(field, f"values within the {dtype} range", "values that overflow it")
     return y
