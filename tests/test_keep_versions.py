@@ -60,6 +60,17 @@ def test_publishing_keeps_the_newest_versions_and_lets_the_others_go(tmp_path):
         registry.resolve("m", "9")
 
 
+def test_versions_published_out_of_order_keep_the_newest(tmp_path):
+    """Concurrent loads finish in any order: a lower number published last is no reason to
+    unload a newer one (only LoadModel bringing an old version back pins it)."""
+    versions_on_disk(tmp_path, 4)
+    registry = Registry(torch.device("cpu"), torch.float32, keep_versions=2)
+    for version in (1, 2, 4, 3):
+        path = tmp_path / ("m.safetensors" if version == 1 else f"m/{version}.safetensors")
+        registry.publish("m", registry.load_version(str(version), path))
+    assert registry.models["m"].ordered_versions() == ["3", "4"]
+
+
 def test_start_loads_only_the_newest_versions(tmp_path):
     versions_on_disk(tmp_path, 4)
     registry = Registry(torch.device("cpu"), torch.float32, keep_versions=2)

@@ -5,8 +5,8 @@ bundled demo models as their version 1 (where it cannot be written, they are ser
 package). A checkpoint that fails to load is logged and skipped: the other models keep serving.
 
 Memory stays bounded however many versions training publishes: only `keep_versions` of each
-model stay loaded (like Triton's `latest` version policy: the newest, or the one just loaded
-and the newest others). The others keep their files and answer NOT_FOUND saying they were
+model stay loaded (like Triton's `latest` version policy: the newest, or an older version that
+LoadModel brought back and the newest others). The others keep their files and answer NOT_FOUND saying they were
 unloaded; LoadModel of `<name>/<N>.safetensors` serves version N again under its own number.
 """
 
@@ -108,6 +108,9 @@ class Registry:
         self.on_change: Callable[[], None] | None = None  # after a model is served or unloaded
         self._reserved: dict[str, set[int]] = {}
         self._claims: dict[tuple[str, int], Path] = {}  # claim files of reservations open now
+        # Reservations of an older version's own file (LoadModel bringing it back): once
+        # published it stays beside the newest instead of being unloaded at once.
+        self._restoring: set[tuple[str, int]] = set()
         # The file each version number of each name was served from in this process: a number
         # is never given to another file, even after UnloadModel (a client pinned to "1" must
         # not get answers from another checkpoint), but its own file may come back under it.
@@ -142,6 +145,7 @@ class Registry:
                     and sources.get(n, file).resolve() == file.resolve()
                 ):
                     used.add(n)
+                    self._restoring.add((name, n))
                     return number
         taken = (*map(int, served), *used, *sources, *map(int, on_disk))
         version = 1 + max(taken, default=0)
@@ -172,6 +176,7 @@ class Registry:
         """End a reservation: published, its claim stays for good; abandoned, it is dropped."""
         number = int(version)
         self._reserved.get(name, set()).discard(number)
+        self._restoring.discard((name, number))
         model_dir = self._claims.pop((name, number), None)
         if model_dir is not None and number not in self._sources.get(name, {}):
             drop_claim(model_dir, name, number)
@@ -219,7 +224,8 @@ class Registry:
 
     def publish(self, name: str, entry: ModelVersion) -> list[str]:
         """Serve a new version (one dict assignment: readers see the old or the new, never a mix),
-        then unload all but `keep_versions`: this one and the newest others; returns those
+        then unload all but the newest `keep_versions`, or, for a version LoadModel brings back
+        (`reserve_version` of its own file), all but it and the newest others; returns those
         unloaded.
 
         Calls already holding an unloaded version finish with it: only the registry lets go.
@@ -230,8 +236,11 @@ class Registry:
         self.failed.pop(name, None)
         evicted = []
         if self.keep_versions is not None:
-            others = [v for v in served.ordered_versions() if v != entry.version]
-            evicted = others[: max(0, len(others) - (self.keep_versions - 1))]
+            if (name, int(entry.version)) in self._restoring:
+                others = [v for v in served.ordered_versions() if v != entry.version]
+                evicted = others[: max(0, len(others) - (self.keep_versions - 1))]
+            else:
+                evicted = served.ordered_versions()[: -self.keep_versions]
         for version in evicted:
             del served.versions[version]
             if self.on_evict is not None:
