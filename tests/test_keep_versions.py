@@ -65,7 +65,7 @@ def test_versions_published_out_of_order_keep_the_newest(tmp_path):
     unload a newer one (only LoadModel bringing an old version back pins it)."""
     versions_on_disk(tmp_path, 4)
     registry = Registry(torch.device("cpu"), torch.float32, keep_versions=2)
-    for version in (1, 2, 4, 3):
+    for version in (1, 3, 4, 2):
         path = tmp_path / ("m.safetensors" if version == 1 else f"m/{version}.safetensors")
         registry.publish("m", registry.load_version(str(version), path))
     assert registry.models["m"].ordered_versions() == ["3", "4"]
