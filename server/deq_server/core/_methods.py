@@ -52,23 +52,21 @@ class Picard:
 @dataclass
 class _AndersonState:
     """History of the last m steps per row, laid out so one batched product gives the whole
-    least-squares system: E[:, 0] is the current residual g, E[:, 1:] a ring of residual
-    differences dG; X is the matching ring of mixing columns dX + beta dG.
+    least-squares system: E[:, :m] is a ring of residual differences dG and E[:, m] the current
+    residual g; X is the matching ring of mixing columns dX + beta dG.
 
     The ring position `slot` (a 0-d tensor, so that no step depends on a Python number and a
-    compiled step never re-traces) is shared by all rows; `age` counts each row's own steps. A
-    row's live columns are the ring slots it wrote itself (the last min(age, m)); the others are
-    zero (a row joins with zeroed state) and get a unit diagonal in its system, hence gamma = 0
-    for them, exactly as if absent. A row without a usable difference (no previous iterate yet)
-    writes a zero column, which the ridge gives gamma = 0.
+    compiled step never re-traces) is shared by all rows; `own` counts each row's written
+    columns (at most m). A column a row never wrote is zero (a row joins with zeroed state), as
+    is one written without a usable difference (no previous iterate yet): a zero column gets a
+    unit diagonal in the row's system, hence gamma = 0 for it, exactly as if absent.
     """
 
     E: Tensor
     X: Tensor
     z_prev: Tensor
-    g_prev: Tensor
-    has_prev: Tensor  # (A, 1): 1.0 where z_prev/g_prev hold this row's previous iterate
-    age: Tensor  # (A,) int64: steps this row has taken
+    has_prev: Tensor  # (A, 1): 1.0 where z_prev and E[:, m] hold this row's previous step
+    own: Tensor  # (A, 1): min(steps taken, m), in the state's dtype
     slot: Tensor  # () int64: the ring column the next step writes, shared by all rows
 
     def select(self, keep: Tensor) -> _AndersonState:
@@ -76,9 +74,8 @@ class _AndersonState:
             E=self.E.index_select(0, keep),
             X=self.X.index_select(0, keep),
             z_prev=self.z_prev.index_select(0, keep),
-            g_prev=self.g_prev.index_select(0, keep),
             has_prev=self.has_prev.index_select(0, keep),
-            age=self.age.index_select(0, keep),
+            own=self.own.index_select(0, keep),
             slot=self.slot,
         )
 
@@ -112,41 +109,41 @@ class Anderson:
             E=z.new_zeros(rows, self.m + 1, n),
             X=z.new_zeros(rows, self.m, n),
             z_prev=torch.zeros_like(z),
-            g_prev=torch.zeros_like(z),
             has_prev=z.new_zeros(rows, 1),
-            age=torch.zeros(rows, dtype=torch.int64, device=z.device),
+            own=z.new_zeros(rows, 1),
             slot=torch.zeros((), dtype=torch.int64, device=z.device),
         )
 
     def step(self, state: _AndersonState, z: Tensor, g: Tensor) -> Tensor:
         # Rows are independent: a row whose residual went non-finite (it retires) gets a
         # non-finite system, a plain step, and no say in its neighbours' steps.
-        # On a row's first step its column is zero, the system singular, and the step plain.
-        slot, m = state.slot, self.m
-        at = slot.view(1)
-        dg = torch.sub(g, state.g_prev).mul_(state.has_prev)
-        mix = torch.sub(z, state.z_prev).mul_(state.has_prev).add_(dg, alpha=self.beta)
-        state.E.index_copy_(1, at + 1, dg.unsqueeze(1))
+        # On a row's first step its column is zero and every gamma 0: a plain step.
+        # Few tensor operations on purpose: on small batches each costs more than its arithmetic.
+        m, at, h, E = self.m, state.slot.view(1), state.has_prev, state.E
+        g_prev = E.select(1, m)  # the previous step's residual
+        dg = torch.sub(g, g_prev)
+        mix = torch.sub(z, state.z_prev).add_(dg, alpha=self.beta).mul_(h)
+        E.index_copy_(1, at, dg.mul_(h).unsqueeze(1))
         state.X.index_copy_(1, at, mix.unsqueeze(1))
-        state.E[:, 0] = g
+        g_prev.copy_(g)
         state.z_prev.copy_(z)
-        state.g_prev.copy_(g)
-        state.has_prev.fill_(1.0)
-        state.age.add_(1)
+        h.fill_(1.0)
+        own = state.own.add_(1).clamp_max_(m)
+        state.slot.add_(1).remainder_(m)
 
-        products = state.E @ state.E.transpose(1, 2)  # [g, dG]^T [g, dG]: rhs and Gram at once
-        gram, rhs = products[:, 1:, 1:], products[:, 1:, :1]
+        products = torch.bmm(E, E.transpose(1, 2))  # [dG, g]^T [dG, g]: Gram and rhs at once
+        gram, rhs = products[:, :m, :m], products[:, :m, m:]
         diag = gram.diagonal(dim1=1, dim2=2)
-        # Ridge from the mean over the row's own columns; columns it never wrote get a unit
-        # diagonal (and zero rhs), hence gamma = 0, exactly as if they were absent.
-        steps_ago = (slot - torch.arange(m, device=z.device)) % m
-        dead = steps_ago[None, :] >= state.age[:, None]
-        own = state.age.clamp(max=m).clamp(min=1).to(diag.dtype)[:, None]
-        diag.add_(self.reg * diag.sum(dim=1, keepdim=True) / own + dead.to(diag.dtype))
-        slot.add_(1).remainder_(m)
+        # The ridge: reg times the mean over the row's own columns. A zero column (never
+        # written, or no difference yet) then has no coupling, zero rhs and gamma 0, or, while
+        # the row's columns are all zero, the system is singular and the step plain; with no
+        # ridge (reg = 0) zero columns get a unit diagonal instead.
+        diag.add_(diag.sum(dim=1, keepdim=True).div_(own).mul_(self.reg))
+        if self.reg == 0:
+            diag.add_((diag == 0).to(diag.dtype))
         gamma, info = torch.linalg.solve_ex(gram, rhs, check_errors=False)
-        good = (info == 0) & torch.isfinite(gamma).all(dim=(1, 2))
-        gamma = torch.where(good[:, None, None], gamma, 0.0)
+        good = (gamma.abs().amax(dim=(1, 2)) < math.inf) & (info == 0)  # amax keeps NaN
+        gamma = torch.where(good.view(-1, 1, 1), gamma, 0.0)
         plain = torch.add(z, g, alpha=self.beta)
         X = state.X
         if z.shape[1] < 128 and z.device.type == "cpu":
