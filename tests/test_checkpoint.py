@@ -9,6 +9,8 @@ import os
 import pathlib
 import pickle
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,21 @@ def test_normed_checkpoints_store_the_parametrization_originals(tmp_path: Path) 
         stored = {k.rsplit(".", 1)[1] for k in tensors if ".parametrizations.weight." in k}
         assert stored == suffixes, norm
         assert load_checkpoint(path).config["norm"] == norm
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_loading_does_not_import_the_compiler(tmp_path: Path, name: str) -> None:
+    """The shape check on the meta device runs no random init and no SVD there: either would
+    import torch._dynamo, seconds of every server start on a CPU. A fresh interpreter, so an
+    earlier test's import cannot hide it."""
+    path = tmp_path / f"{name}.safetensors"
+    save_checkpoint(make_model(CONFIGS[name]), path)
+    probe = (
+        "import sys; from deq_server.core import load_checkpoint; "
+        f"load_checkpoint({str(path)!r}); print('torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
 
 
 # --- metadata ---------------------------------------------------------------------------------

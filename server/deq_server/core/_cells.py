@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import weight_norm
 
 from ._activations import activation
 
@@ -90,6 +89,8 @@ class SpectralCap(nn.Module):
         self._cache: tuple[tuple[object, ...], Tensor] | None = None
 
     def _cap(self, weight: Tensor) -> Tensor:
+        if weight.is_meta:  # shapes only (the loader's check); the meta SVD imports torch._dynamo
+            return weight
         sigma = torch.linalg.matrix_norm(weight.flatten(1), ord=2)
         return weight * (self.max_norm / sigma).clamp(max=1.0)
 
@@ -104,11 +105,26 @@ class SpectralCap(nn.Module):
         return self._cache[1]
 
 
+class WeightNorm(nn.Module):
+    """Parametrization (g, v) -> g v / ||v|| (norms over all dims but the first): torch's
+    `weight_norm` with the same op and stored names (`original0` = g, `original1` = v), except on
+    the meta device (the loader's shape check), where torch's computes a norm that imports
+    torch._dynamo, seconds of every server start."""
+
+    def forward(self, g: Tensor, v: Tensor) -> Tensor:
+        return v if v.is_meta else torch._weight_norm(v, g, 0)
+
+    def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        if weight.is_meta:
+            return weight.new_empty((weight.shape[0],) + (1,) * (weight.dim() - 1)), weight
+        return torch.norm_except_dim(weight, 2, 0), weight
+
+
 def _normalise(layer: nn.Module, norm: str, max_norm: float) -> None:
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {list(NORMS)}")
     if norm == "weight":
-        weight_norm(layer, "weight")
+        parametrize.register_parametrization(layer, "weight", WeightNorm())
     elif norm == "spectral":
         parametrize.register_parametrization(layer, "weight", SpectralCap(max_norm))
 
@@ -135,7 +151,10 @@ class MLPCell(nn.Module):
         self.W = nn.Linear(c["hidden"], c["hidden"], bias=False)
         self.out = nn.Linear(c["hidden"], c["out_features"])
         # init_scale is W's initial spectral norm: gaussian n x n with std s/(2 sqrt(n)) has about s.
-        nn.init.normal_(self.W.weight, std=c["init_scale"] / (2 * math.sqrt(c["hidden"])))
+        # Not on the meta device (the checkpoint loader's shape check), where normal_ imports
+        # torch._dynamo: about 2 s of every server start for values that are never there.
+        if not self.W.weight.is_meta:
+            nn.init.normal_(self.W.weight, std=c["init_scale"] / (2 * math.sqrt(c["hidden"])))
         _normalise(self.W, c["norm"], c["max_norm"])
         self.input_shape: tuple[int, ...] = (c["in_features"],)
         self.output_shape: tuple[int, ...] = (c["out_features"],)
