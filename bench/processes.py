@@ -41,7 +41,7 @@ async def split_level(
     channels = [grpc.aio.insecure_channel(s.target) for s in servers]
     try:
         calls = [(ch.unary_unary(method), s.pid) for ch, s in zip(channels, servers, strict=True)]
-        per = max(1, conc // len(servers))
+        per = conc // len(servers)  # main() checks that it divides
         await asyncio.gather(
             *(serving.closed_loop(c, payloads, per, WARMUP_S, p) for c, p in calls)
         )
@@ -69,13 +69,12 @@ async def run_layout(n: int, concurrency: list[int], seconds: float) -> list[dic
         "echo": (serving.ECHO_METHOD, [os.urandom(serving.ECHO_BYTES)]),
         "oip": (serving.OIP_METHOD, serving.oip_payloads(x, 1e-4)),
     }
+    serves = {"echo": "echo", "oip": "deq"}  # which `--serve` answers each target
     rows = []
     async with AsyncExitStack() as stack:
         servers = {
             kind: [
-                await stack.enter_async_context(
-                    serving.server_process(kind if kind == "echo" else "deq")
-                )
+                await stack.enter_async_context(serving.server_process(serves[kind]))
                 for _ in range(n)
             ]
             for kind in work
@@ -89,24 +88,24 @@ async def run_layout(n: int, concurrency: list[int], seconds: float) -> list[dic
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """One line per round x layout x concurrency: OIP next to the echo of the same layout."""
+    echo = {
+        (r["round"], r["processes"], r["concurrency"]): r["rps"]
+        for r in rows
+        if r["target"] == "echo"
+    }
     lines = [
-        "| round | processes | conc | echo req/s | oip req/s | oip / echo | oip p50 ms | srv CPU ms/req |",
+        "| round | processes | conc | echo req/s | oip req/s | oip / echo | oip p50 ms "
+        "| srv CPU ms/req |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["target"] != "oip":
             continue
-        echo = next(
-            e
-            for e in rows
-            if e["target"] == "echo"
-            and e["round"] == r["round"]
-            and e["processes"] == r["processes"]
-            and e["concurrency"] == r["concurrency"]
-        )
+        ceiling = echo[(r["round"], r["processes"], r["concurrency"])]
         lines.append(
-            f"| {r['round']} | {r['processes']} | {r['concurrency']} | {echo['rps']:.0f} "
-            f"| {r['rps']:.0f} | {r['rps'] / echo['rps']:.3f} | {r['p50_ms']:.1f} "
+            f"| {r['round']} | {r['processes']} | {r['concurrency']} | {ceiling:.0f} "
+            f"| {r['rps']:.0f} | {r['rps'] / ceiling:.3f} | {r['p50_ms']:.1f} "
             f"| {r['server_cpu_ms_per_req']:.2f} |"
         )
     return "\n".join(lines)
@@ -120,8 +119,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args()
-    if min(args.processes) < 1 or args.seconds <= 0 or args.rounds < 1:
-        p.error("--processes >= 1, --seconds > 0, --rounds >= 1")
+    if min(args.processes) < 1 or min(args.concurrency) < 1 or args.seconds <= 0 or args.rounds < 1:
+        p.error("--processes >= 1, --concurrency >= 1, --seconds > 0, --rounds >= 1")
+    if any(c % n for c in args.concurrency for n in args.processes):
+        p.error("every --concurrency must split evenly over every --processes count")
     started = time.perf_counter()
     rows = []
     for r in range(1, args.rounds + 1):

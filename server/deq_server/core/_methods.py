@@ -58,8 +58,8 @@ class _AndersonState:
     The ring position `slot` (a 0-d tensor, so that no step depends on a Python number and a
     compiled step never re-traces) is shared by all rows; `own` counts each row's written
     columns (at most m). A column a row never wrote is zero (a row joins with zeroed state), as
-    is one written without a usable difference (no previous iterate yet): a zero column gets a
-    unit diagonal in the row's system, hence gamma = 0 for it, exactly as if absent.
+    is one written without a usable difference (no previous iterate yet): a zero column gets
+    gamma = 0, exactly as if absent (its diagonal is the ridge, or 1 when reg = 0; see `step`).
     """
 
     E: Tensor
