@@ -250,8 +250,8 @@ async def measure(
 
 def in_process(model: DEQModel, trace: list[Request], args: argparse.Namespace) -> dict[str, float]:
     """Samples/s of each scheduler fed directly, `inflight` requests outstanding, one pass."""
-    from deq_server.serving.continuous import ContinuousScheduler
-    from deq_server.serving.scheduler import RequestScheduler, SolveJob
+    from deq_server.serving.engine import ContinuousScheduler, RequestScheduler
+    from deq_server.serving.scheduler import SolveJob
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # as the server does

@@ -33,7 +33,7 @@ import torch
 from deq_server.core import SlotPool, load_checkpoint, solve
 from deq_server.core import _slots as slots_module
 from deq_server.models import bundled_checkpoints
-from deq_server.serving import continuous
+from deq_server.serving import engine, slot_lane
 from deq_server.serving.app import start_server
 from deq_server.serving.config import ServerConfig
 
@@ -162,10 +162,10 @@ def main() -> None:
         print(f"| {c['rows']} | {c['pool_ms_per_step']:.2f} | {c['solve_ms_per_step']:.2f} |")
 
     timers = Timers()
-    timers.wrap(continuous._Lane, "turn", "turn (all)")
-    timers.wrap(continuous._Lane, "admit", "admission")
+    timers.wrap(slot_lane.SlotLane, "turn", "turn (all)")
+    timers.wrap(slot_lane.SlotLane, "admit", "admission")
     timers.wrap(slots_module.SlotPool, "step", "pool step")
-    timers.wrap(continuous.ContinuousScheduler, "_wait_for_work", "waiting for work")
+    timers.wrap(engine.Engine, "_wait_for_work", "waiting for work")
     samples_per_s = asyncio.run(serve_and_load(args, timers))
     turns = timers.totals["turn (all)"][2] or 1.0
     print(f"\nserving: {samples_per_s:.0f} samples/s; per turn ({turns:.0f} turns):")

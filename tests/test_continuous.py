@@ -19,7 +19,7 @@ from small_models import slow_model_dir
 
 from deq_server.core import Status, load_checkpoint
 from deq_server.models import bundled_checkpoints
-from deq_server.serving.continuous import ContinuousScheduler
+from deq_server.serving.engine import ContinuousScheduler
 from deq_server.serving.scheduler import SolveJob
 
 

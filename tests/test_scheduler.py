@@ -11,8 +11,8 @@ from deq_server.core import Status, load_checkpoint
 from deq_server.models import bundled_checkpoints
 from deq_server.serving.app import scheduler_for
 from deq_server.serving.config import ServerConfig
-from deq_server.serving.continuous import ContinuousScheduler
-from deq_server.serving.scheduler import RequestScheduler, SolveJob, batch_key
+from deq_server.serving.engine import ContinuousScheduler, RequestScheduler
+from deq_server.serving.scheduler import SolveJob, batch_key
 
 
 def digits_model():

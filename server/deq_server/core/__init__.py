@@ -20,7 +20,7 @@ from ._model import DEQModel, nonfinite_outputs
 from ._package import ExportedLayer, PackageError, checked_probe, export_deq
 from ._rows import STOP_MODES
 from ._slots import Retired, SlotPool, SlotStopHook
-from ._solve import Progress, SolveResult, StopHook, solve
+from ._solve import BatchSolve, Progress, SolveResult, StopHook, solve
 from ._status import Status
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "METHODS",
     "STOP_MODES",
     "Backward",
+    "BatchSolve",
     "CheckpointError",
     "DEQModel",
     "ExportedLayer",

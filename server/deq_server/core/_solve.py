@@ -149,69 +149,133 @@ def solve(
     with a dynamic batch size (compiled on first use; the same answers, see tests).
     Runs under no_grad; differentiate through `DEQModel`, which attaches implicit gradients.
     """
-    if stop_mode not in STOP_MODES:
-        raise ValueError(f"unknown stop_mode {stop_mode!r}; expected one of {list(STOP_MODES)}")
-    step_fn = make_method(method, **options)
-    if not z0.is_floating_point() or z0.dim() == 0:
-        raise ValueError(f"z0 must be a floating tensor with a batch dimension, got {z0.dtype}")
-    batch, shape = z0.shape[0], z0.shape[1:]
-    width = shape.numel()
-    device, dtype = z0.device, z0.dtype
-    args = tuple(args)
-    _check_args(args, batch)
-    tol_t = _per_sample("tol", tol, batch, dtype, device)
-    cap_t = _per_sample("max_iter", max_iter, batch, torch.int64, device)
-    if not bool(((tol_t > 0) & torch.isfinite(tol_t)).all()):
-        raise ValueError("tol must be finite and > 0 for every sample")
-    if not bool((cap_t >= 1).all()):
-        raise ValueError("max_iter must be >= 1 for every sample")
-
-    out_z = torch.empty_like(z0).reshape(batch, width)
-    out_iters = torch.zeros(batch, dtype=torch.int64, device=device)
-    out_res = torch.full((batch,), float("inf"), dtype=dtype, device=device)
-    out_status = torch.zeros(batch, dtype=torch.int64, device=device)
-
-    with torch.no_grad():
-        # The active rows, compacted as rows retire; `index` maps them to the batch.
-        index = torch.arange(batch, device=device)
-        z = z0.detach().reshape(batch, width)
-        rows = Rows.start(z, tol_t, cap_t)
-        state = step_fn.init(z)
-        steps = 0
-        advance = _compiled_advance() if compile else _advance
-        while z.shape[0] > 0:
-            # the next iterate is proposed for every active row, the retiring ones too (a
-            # method's step is row-local, so the rows that stay get what they would alone)
-            seen, z_next = advance(f, step_fn, z, shape, args, rows, state, stop_mode, divergence)
-            steps += 1
-            running, stop = seen.running, None
-            if should_stop is not None:
-                stop = should_stop(Progress(steps, index, seen.res))
-                if stop is not None:
-                    stop = stop.to(device=device, dtype=torch.int64)
-                    running = running & (stop == RUNNING)
-            n_keep = int(running.sum())  # the one host sync per iteration
-            if n_keep < z.shape[0]:
-                status = verdicts(rows, seen, divergence, stop)
-                order = torch.argsort((~running).to(torch.int8), stable=True)
-                keep, done = order[:n_keep], order[n_keep:]
-                at = index.index_select(0, done)
-                out_z.index_copy_(0, at, rows.best_z.index_select(0, done))
-                out_iters.index_copy_(0, at, rows.evals.index_select(0, done))
-                out_res.index_copy_(0, at, rows.best.index_select(0, done))
-                out_status.index_copy_(0, at, status.index_select(0, done))
-                if n_keep == 0:
-                    break
-                rows, index = rows.select(keep), index.index_select(0, keep)
-                z_next = z_next.index_select(0, keep)
-                args = _select_args(args, keep)
-                state = step_fn.select(state, keep)
-            z = z_next
-
-    return SolveResult(
-        z=out_z.view_as(z0),
-        iterations=out_iters,
-        residual=out_res,
-        status=out_status,
-        steps=steps,
+    run = BatchSolve(
+        f,
+        z0,
+        args=args,
+        tol=tol,
+        max_iter=max_iter,
+        method=method,
+        stop_mode=stop_mode,
+        should_stop=should_stop,
+        divergence=divergence,
+        compile=compile,
+        **options,
     )
+    while not run.done:
+        run.step()
+    return run.result()
+
+
+class BatchSolve:
+    """`solve` one iteration at a time, for a scheduler that interleaves a batch with other work
+    (the engine thread steps every lane once per turn). `solve(...)` is
+    `run = BatchSolve(...); while not run.done: run.step(); run.result()`; same arguments."""
+
+    def __init__(
+        self,
+        f: Callable[..., Tensor],
+        z0: Tensor,
+        *,
+        args: Sequence[Any] = (),
+        tol: float | Tensor,
+        max_iter: int | Tensor,
+        method: str = "anderson",
+        stop_mode: StopMode = "rel",
+        should_stop: StopHook | None = None,
+        divergence: float = 1e5,
+        compile: bool = False,
+        **options: Any,
+    ) -> None:
+        if stop_mode not in STOP_MODES:
+            raise ValueError(f"unknown stop_mode {stop_mode!r}; expected one of {list(STOP_MODES)}")
+        self._method = make_method(method, **options)
+        if not z0.is_floating_point() or z0.dim() == 0:
+            raise ValueError(f"z0 must be a floating tensor with a batch dimension, got {z0.dtype}")
+        batch, self._shape = z0.shape[0], z0.shape[1:]
+        width = self._shape.numel()
+        device, dtype = z0.device, z0.dtype
+        self._args = tuple(args)
+        _check_args(self._args, batch)
+        tol_t = _per_sample("tol", tol, batch, dtype, device)
+        cap_t = _per_sample("max_iter", max_iter, batch, torch.int64, device)
+        if not bool(((tol_t > 0) & torch.isfinite(tol_t)).all()):
+            raise ValueError("tol must be finite and > 0 for every sample")
+        if not bool((cap_t >= 1).all()):
+            raise ValueError("max_iter must be >= 1 for every sample")
+        self._f, self._stop_mode, self._divergence = f, stop_mode, divergence
+        self._should_stop = should_stop
+        self._advance = _compiled_advance() if compile else _advance
+        self._z0 = z0
+        self._out_z = torch.empty_like(z0).reshape(batch, width)
+        self._out_iters = torch.zeros(batch, dtype=torch.int64, device=device)
+        self._out_res = torch.full((batch,), float("inf"), dtype=dtype, device=device)
+        self._out_status = torch.zeros(batch, dtype=torch.int64, device=device)
+        with torch.no_grad():
+            # The active rows, compacted as rows retire; `index` maps them to the batch.
+            self._index = torch.arange(batch, device=device)
+            self._z = z0.detach().reshape(batch, width)
+            self._rows = Rows.start(self._z, tol_t, cap_t)
+            self._state = self._method.init(self._z)
+        self.steps = 0
+
+    @property
+    def done(self) -> bool:
+        """Every row has retired."""
+        return self._z.shape[0] == 0
+
+    @property
+    def rows(self) -> int:
+        """Rows still solving."""
+        return int(self._z.shape[0])
+
+    def step(self) -> None:
+        """One iteration on the active rows: evaluate, retire who stops, compact the rest."""
+        with torch.no_grad():
+            self._step()
+
+    def _step(self) -> None:
+        rows, z, device = self._rows, self._z, self._z.device
+        # the next iterate is proposed for every active row, the retiring ones too (a method's
+        # step is row-local, so the rows that stay get what they would alone)
+        seen, z_next = self._advance(
+            self._f, self._method, z, self._shape, self._args, rows, self._state,
+            self._stop_mode, self._divergence,
+        )  # fmt: skip
+        self.steps += 1
+        running, stop = seen.running, None
+        if self._should_stop is not None:
+            stop = self._should_stop(Progress(self.steps, self._index, seen.res))
+            if stop is not None:
+                stop = stop.to(device=device, dtype=torch.int64)
+                running = running & (stop == RUNNING)
+        n_keep = int(running.sum())  # the one host sync per iteration
+        if n_keep < z.shape[0]:
+            status = verdicts(rows, seen, self._divergence, stop)
+            order = torch.argsort((~running).to(torch.int8), stable=True)
+            keep, done = order[:n_keep], order[n_keep:]
+            at = self._index.index_select(0, done)
+            self._out_z.index_copy_(0, at, rows.best_z.index_select(0, done))
+            self._out_iters.index_copy_(0, at, rows.evals.index_select(0, done))
+            self._out_res.index_copy_(0, at, rows.best.index_select(0, done))
+            self._out_status.index_copy_(0, at, status.index_select(0, done))
+            if n_keep == 0:
+                self._z = z[:0]
+                return
+            self._rows, self._index = rows.select(keep), self._index.index_select(0, keep)
+            z_next = z_next.index_select(0, keep)
+            self._args = _select_args(self._args, keep)
+            self._state = self._method.select(self._state, keep)
+        self._z = z_next
+
+    def result(self) -> SolveResult:
+        """The per-sample outcome (once `done`)."""
+        if not self.done:
+            raise RuntimeError(f"{self.rows} rows are still solving")
+        return SolveResult(
+            z=self._out_z.view_as(self._z0),
+            iterations=self._out_iters,
+            residual=self._out_res,
+            status=self._out_status,
+            steps=self.steps,
+        )

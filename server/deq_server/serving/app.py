@@ -27,13 +27,13 @@ from deq_server.models import bundled_checkpoints
 
 from .auth import TokenAuthInterceptor, split_tokens
 from .config import ServerConfig, parse_config
-from .continuous import ContinuousScheduler
+from .engine import ContinuousScheduler, RequestScheduler
 from .health_watch import BoundedHealthServicer
 from .metrics import GrpcMetricsInterceptor, Metrics
 from .model_poll import ModelPoller
 from .oip import OIPServicer
 from .registry import Registry, resolve_device
-from .scheduler import RequestScheduler, Scheduler
+from .scheduler import Scheduler
 from .servicer import DEQServicer, TolerantStreamDecoding
 
 log = logging.getLogger("deq_server")

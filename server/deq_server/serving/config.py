@@ -79,7 +79,7 @@ _HELP = {
     "model_control": "none (the model dir is read at start; then LoadModel, UnloadModel and Train change what is served) or poll (also rescan it every --poll-interval: serve new versions, such as other replicas' commits, and stop serving removed files)",
     "poll_interval": "seconds between rescans of the model dir with --model-control poll",
     "max_model_bytes": "largest checkpoint file or package (and its tensors) read, larger ones refused unread; also the most memory one call of a package's programs may hold at the largest batch",
-    "workers": "solver threads of the request scheduler (solver work never runs on the event loop)",
+    "workers": "request-level batches that may solve at once per model version and method (stepped in turn on the one engine thread; solver work never runs on the event loop)",
     "scheduler": "continuous (samples join and leave the solver batch every iteration), request (a batch runs until its slowest sample is done) or auto (request on a CPU, where it measured faster; continuous on a GPU)",
     "max_batch_slots": "solver slots per model version and method setting (continuous scheduler)",
     "compile_step": "compile the solver's iterations with torch.compile: the request scheduler's with a dynamic batch size, the continuous one's per bucket of busy slots (1, 4, 16, ...); each compiled on first use (seconds on a CPU); a cell the continuous one cannot compile runs eagerly",

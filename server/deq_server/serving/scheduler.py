@@ -1,9 +1,10 @@
-"""All solving goes through a scheduler: `submit(job)` returns an awaitable per-request outcome.
+"""What every scheduler shares: the job a servicer submits, the outcome it gets back, the lane
+protocol the engine drives, and the rules of a batch (its key, per-sample settings, stop hook).
 
-`RequestScheduler` batches at request level on worker threads (never on the event loop): a batch
-runs until its slowest sample retires. `ContinuousScheduler` (continuous.py, the default) batches
-at iteration level. In both, cancellation and deadlines reach the solver every iteration, so a
-caller that gives up stops costing compute within one iteration. Both solve with each model's
+All solving runs on one engine thread (engine.py) that steps every lane once per turn: a
+`SlotLane` (slot_lane.py, iteration-level batching) or a `BatchLane` (batch_lane.py,
+request-level batching). Cancellation and deadlines reach the solver every iteration, so a
+caller that gives up stops costing compute within one iteration. Lanes solve with each model's
 `frozen()` inference copy.
 """
 
@@ -15,7 +16,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -63,7 +63,7 @@ class SolveOutcome:
 
 
 class Scheduler(Protocol):
-    """What the servicers need: `RequestScheduler` here, `ContinuousScheduler` in continuous.py."""
+    """What the servicers need (`engine.Engine` in either mode)."""
 
     async def submit(self, job: SolveJob) -> SolveOutcome: ...
 
@@ -72,12 +72,47 @@ class Scheduler(Protocol):
     async def close(self) -> None: ...
 
 
-def _limit(job: SolveJob) -> float | None:
+@dataclass(eq=False, kw_only=True)
+class Ticket:
+    """One request inside a lane: where its outcome goes, and its stop instant."""
+
+    job: SolveJob
+    future: asyncio.Future[SolveOutcome]
+    limit: float | None
+    outcome: SolveOutcome | None = None
+    error: BaseException | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.job.x.shape[0])
+
+
+class Lane(Protocol):
+    """A queue of compatible requests (one `batch_key`) and the solver work for them. The engine
+    thread alone calls these; `turn` advances the lane's solving by one iteration."""
+
+    source: weakref.ref[DEQModel]  # the served version; a lane of an unloaded one is dropped
+    idle_since: float
+
+    @property
+    def idle(self) -> bool: ...
+
+    def queue(self, job: SolveJob, future: asyncio.Future[SolveOutcome]) -> None:
+        """Take a request, or raise (before it joins anything) if it could fail its batch."""
+
+    def turn(self) -> list[Ticket]:
+        """Admit waiting requests, step once; the requests that completed."""
+
+    def fail(self, exc: BaseException) -> list[Ticket]:
+        """Every request of the lane, with `exc` as its error."""
+
+
+def limit_of(job: SolveJob) -> float | None:
     limits = [t for t in (job.deadline, job.budget_deadline) if t is not None]
     return min(limits) if limits else None
 
 
-def _verdict(job: SolveJob, limit: float | None, now: float) -> int:
+def verdict(job: SolveJob, limit: float | None, now: float) -> int:
     """The status that stops a job's samples now, or RUNNING (0)."""
     if job.cancelled.is_set():
         return int(Status.CANCELLED)
@@ -86,16 +121,46 @@ def _verdict(job: SolveJob, limit: float | None, now: float) -> int:
     return 0
 
 
+def check_job(job: SolveJob, model: DEQModel, tol: np.ndarray, max_iter: np.ndarray) -> None:
+    """Refuse a job alone, before it joins a batch where its failure would fail its neighbours:
+    input and warm-start shapes, per-sample tolerances and caps (already on the host)."""
+    rows = job.x.shape[0]
+    if tuple(job.x.shape[1:]) != model.input_shape or not job.x.is_floating_point():
+        raise ValueError(f"input must be float (B, {model.input_shape}), got {job.x.shape}")
+    if job.z0 is not None and tuple(job.z0.shape) != (rows, *model.state_shape):
+        raise ValueError(f"z0 must be (B, {model.state_shape}), got {tuple(job.z0.shape)}")
+    if not (np.isfinite(tol).all() and (tol > 0).all()):
+        raise ValueError("every sample needs a finite tol > 0 in the serving dtype")
+    if not (max_iter >= 1).all():
+        raise ValueError("every sample needs max_iter >= 1")
+
+
+def unstarted(job: SolveJob, model: DEQModel) -> SolveOutcome:
+    """The outcome of a request whose caller left before it was solved: no compute, every sample
+    CANCELLED with 0 iterations (so the per-sample metrics still count them)."""
+    rows, ref = job.x.shape[0], next(model.parameters())
+    z = torch.zeros(rows, *model.state_shape, dtype=ref.dtype)
+    result = SolveResult(
+        z=z,
+        iterations=torch.zeros(rows, dtype=torch.int64),
+        residual=torch.full((rows,), float("inf"), dtype=ref.dtype),
+        status=torch.full((rows,), int(Status.CANCELLED), dtype=torch.int64),
+        steps=0,
+    )
+    y = torch.zeros(rows, *model.output_shape, dtype=ref.dtype)
+    return SolveOutcome(y, result, time.monotonic() - job.submitted, 0.0, 0)
+
+
 def stop_hook(jobs: list[SolveJob], row_job: Tensor) -> Any:
     """The solver hook that turns each job's cancellation and deadline into its rows' statuses.
 
     `row_job[i]` is the index in `jobs` of batch row i. Host work per iteration: one check per job.
     """
-    limits = [_limit(job) for job in jobs]
+    limits = [limit_of(job) for job in jobs]
 
     def should_stop(progress: Progress) -> Tensor | None:
         now = time.monotonic()
-        verdicts = [_verdict(job, limit, now) for job, limit in zip(jobs, limits, strict=True)]
+        verdicts = [verdict(job, limit, now) for job, limit in zip(jobs, limits, strict=True)]
         if not any(verdicts):
             return None
         per_job = torch.tensor(verdicts, dtype=torch.int64, device=progress.active.device)
@@ -148,68 +213,12 @@ def per_sample(job: SolveJob, key: str, default: Any, dtype: torch.dtype) -> np.
     return out.astype(kind)
 
 
-def _per_row(
+def per_row(
     jobs: list[SolveJob], key: str, default: Any, dtype: torch.dtype, device: Any
 ) -> Tensor:
     """One value per batch row, from each job's scalar or per-sample setting."""
     rows = np.concatenate([per_sample(job, key, default, dtype) for job in jobs])
     return torch.from_numpy(rows).to(device)
-
-
-def run_batch(
-    jobs: list[SolveJob],
-    on_batch: Callable[[str, int], None] | None = None,
-    compile: bool = False,
-) -> list[SolveOutcome]:
-    """Solve compatible jobs as one batch (per-row tolerances and caps) on the calling thread.
-
-    `on_batch(model_name, rows)` is called once per batch (for deq_batch_size); `compile`
-    solves with torch.compile'd iterations.
-    """
-    start = time.monotonic()
-    model = frozen(jobs[0].model)
-    defaults = model.solver_defaults
-    device = next(model.parameters()).device
-    # Host<->device copies happen here, on the solver thread, never on the event loop.
-    x = torch.cat([job.x for job in jobs]).to(device)
-    sizes = [job.x.shape[0] for job in jobs]
-    row_job = torch.repeat_interleave(
-        torch.arange(len(jobs), device=device), torch.tensor(sizes, device=device)
-    )
-    if on_batch is not None:
-        on_batch(jobs[0].model_name, x.shape[0])
-    solver = shared_settings(jobs[0])
-    solver["tol"] = _per_row(jobs, "tol", defaults["tol"], x.dtype, device)
-    solver["max_iter"] = _per_row(jobs, "max_iter", defaults["max_iter"], torch.int64, device)
-    z0 = None
-    if any(job.z0 is not None for job in jobs):
-        z0 = torch.cat(
-            [job.z0.to(device) if job.z0 is not None else model.init_state(job.x) for job in jobs]
-        )
-    with torch.no_grad():
-        y, result = model(x, z0=z0, should_stop=stop_hook(jobs, row_job), compile=compile, **solver)
-    y, z = y.cpu(), result.z.cpu()
-    iterations, residual, status = (
-        result.iterations.cpu(),
-        result.residual.cpu(),
-        result.status.cpu(),
-    )
-    solve_seconds = time.monotonic() - start
-    outcomes, offset = [], 0
-    for job, rows in zip(jobs, sizes, strict=True):
-        part = slice(offset, offset + rows)
-        offset += rows
-        piece = SolveResult(
-            z=z[part],
-            iterations=iterations[part],
-            residual=residual[part],
-            status=status[part],
-            steps=result.steps,
-        )
-        outcome = SolveOutcome(y[part], piece, start - job.submitted, solve_seconds, x.shape[0])
-        report(job, outcome)
-        outcomes.append(outcome)
-    return outcomes
 
 
 def report(job: SolveJob, outcome: SolveOutcome) -> None:
@@ -220,105 +229,3 @@ def report(job: SolveJob, outcome: SolveOutcome) -> None:
             job.on_solved(outcome)
         except Exception:
             log.exception("on_solved callback failed")
-
-
-def _fail(futures: list[asyncio.Future[SolveOutcome]]) -> None:
-    for future in futures:
-        if not future.done():
-            future.set_exception(RuntimeError("the scheduler is closed"))
-
-
-class RequestScheduler:
-    """Request-level batching: requests that queue while the solver is busy are solved together.
-
-    Compatible requests (same model version and method settings; tolerances and caps may differ)
-    are concatenated into one batch of at most `max_batch` rows; each sample still retires at its
-    own tolerance, and the batch returns when its slowest sample retires. `workers` batches may be
-    in the solver at once, each on its own thread.
-    """
-
-    def __init__(
-        self,
-        workers: int = 1,
-        max_batch: int = 256,
-        on_batch: Callable[[str, int], None] | None = None,
-        compile_step: bool = False,
-    ) -> None:
-        self._on_batch = on_batch
-        self._compile = compile_step
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deq-solver")
-        self._workers = workers
-        self._max_batch = max_batch
-        self._queue: asyncio.Queue[tuple[SolveJob, asyncio.Future[SolveOutcome]]] | None = None
-        self._runners: list[asyncio.Task[None]] = []
-        self._pending = 0
-
-    def _start(self) -> asyncio.Queue[tuple[SolveJob, asyncio.Future[SolveOutcome]]]:
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-            self._runners = [asyncio.create_task(self._run()) for _ in range(self._workers)]
-        return self._queue
-
-    async def submit(self, job: SolveJob) -> SolveOutcome:
-        future: asyncio.Future[SolveOutcome] = asyncio.get_running_loop().create_future()
-        self._pending += 1
-        try:
-            await self._start().put((job, future))
-            return await future
-        finally:
-            self._pending -= 1
-
-    def pending(self) -> int:
-        return self._pending
-
-    def _take_batch(
-        self, first: tuple[SolveJob, asyncio.Future[SolveOutcome]]
-    ) -> list[tuple[SolveJob, asyncio.Future[SolveOutcome]]]:
-        """The first job plus queued compatible ones, FIFO, up to max_batch rows."""
-        assert self._queue is not None
-        batch, rows, later = [first], first[0].x.shape[0], []
-        key = batch_key(first[0])
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if batch_key(item[0]) == key and rows + item[0].x.shape[0] <= self._max_batch:
-                batch.append(item)
-                rows += item[0].x.shape[0]
-            else:
-                later.append(item)
-        for item in later:  # keep their order for the next batch
-            self._queue.put_nowait(item)
-        return batch
-
-    async def _run(self) -> None:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [
-                item for item in self._take_batch(await self._queue.get()) if not item[1].done()
-            ]
-            if not batch:
-                continue
-            try:
-                outcomes = await loop.run_in_executor(
-                    self._executor, run_batch, [j for j, _ in batch], self._on_batch, self._compile
-                )
-            except asyncio.CancelledError:  # close(): nobody will finish this batch
-                _fail([future for _, future in batch])
-                raise
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
-                if not future.done():
-                    future.set_result(outcome)
-
-    async def close(self) -> None:
-        """Stop: queued and running requests fail with RuntimeError (none is left hanging)."""
-        for runner in self._runners:
-            runner.cancel()
-        if self._queue is not None:
-            while not self._queue.empty():
-                _fail([self._queue.get_nowait()[1]])
-        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)

@@ -1,0 +1,198 @@
+"""Request-level batching: requests that queue while a batch is solving are solved together.
+
+A `BatchLane` serves one model version and method setting. When it has room for a batch it takes
+the queued requests, FIFO, up to `max_batch` rows (the first one whatever its size), and solves
+them as one `BatchSolve`: per-row tolerances and caps, so each sample still retires at its own,
+but the batch answers when its slowest sample retires. The engine steps the batch one iteration
+per turn, so a long batch never holds up the other lanes. Every method can run here (broyden,
+whose state is not row-local, runs only here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deq_server.core import BatchSolve, SolveResult, nonfinite_outputs
+
+from .scheduler import (
+    SolveJob,
+    SolveOutcome,
+    Ticket,
+    check_job,
+    frozen,
+    limit_of,
+    per_row,
+    per_sample,
+    report,
+    shared_settings,
+    stop_hook,
+    unstarted,
+)
+
+BatchObserver = Callable[[str, int], None]
+
+
+@dataclass
+class _Batch:
+    """Requests being solved together, and their solve."""
+
+    tickets: list[Ticket]
+    run: BatchSolve
+    start: float
+
+
+class BatchLane:
+    """Request-level batches for one model version and method setting: at most `batches` solving
+    at once (a second starts while the first runs), each stepped once per engine turn.
+
+    `on_batch(model_name, rows)` is called once per batch (for deq_batch_size)."""
+
+    def __init__(
+        self,
+        job: SolveJob,
+        max_batch: int,
+        batches: int,
+        on_batch: BatchObserver | None,
+        compile_step: bool,
+    ) -> None:
+        self.source = weakref.ref(job.model)
+        self.model = frozen(job.model)
+        self.name = job.model_name
+        self._shared = shared_settings(job)
+        ref = next(self.model.parameters())
+        self.device, self.dtype = ref.device, ref.dtype
+        self._max_batch, self._batches = max_batch, batches
+        self._on_batch, self._compile = on_batch, compile_step
+        self.waiting: deque[Ticket] = deque()
+        self.solving: list[_Batch] = []
+        self.idle_since = time.monotonic()
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.solving
+
+    def queue(self, job: SolveJob, future: asyncio.Future[SolveOutcome]) -> None:
+        defaults = self.model.solver_defaults
+        tol = per_sample(job, "tol", defaults["tol"], self.dtype)
+        max_iter = per_sample(job, "max_iter", defaults["max_iter"], torch.int64)
+        check_job(job, self.model, tol, max_iter)
+        self.waiting.append(Ticket(job=job, future=future, limit=limit_of(job)))
+
+    def turn(self) -> list[Ticket]:
+        finished: list[Ticket] = []
+        if len(self.solving) < self._batches and self.waiting:
+            finished += self._start()
+        for batch in list(self.solving):
+            batch.run.step()
+            if batch.run.done:
+                self.solving.remove(batch)
+                finished += self._finish(batch)
+        if self.idle:
+            self.idle_since = time.monotonic()
+        return finished
+
+    def _take(self) -> tuple[list[Ticket], list[Ticket]]:
+        """The next batch, FIFO up to max_batch rows, and the requests whose caller left."""
+        batch: list[Ticket] = []
+        dropped: list[Ticket] = []
+        rows = 0
+        while self.waiting:
+            ticket = self.waiting[0]
+            if ticket.future.done():
+                self.waiting.popleft()
+                ticket.outcome = unstarted(ticket.job, self.model)
+                report(ticket.job, ticket.outcome)
+                dropped.append(ticket)
+                continue
+            if batch and rows + ticket.rows > self._max_batch:
+                break
+            batch.append(self.waiting.popleft())
+            rows += ticket.rows
+        return batch, dropped
+
+    def _start(self) -> list[Ticket]:
+        tickets, dropped = self._take()
+        if tickets:
+            try:
+                self.solving.append(self._batch(tickets))
+            except Exception as exc:  # e.g. the model's injection: this batch fails, not the lane
+                for ticket in tickets:
+                    ticket.error = exc
+                dropped += tickets
+        return dropped
+
+    def _batch(self, tickets: list[Ticket]) -> _Batch:
+        start = time.monotonic()
+        model, device, jobs = self.model, self.device, [t.job for t in tickets]
+        # Host<->device copies happen here, on the engine thread, never on the event loop.
+        x = torch.cat([job.x for job in jobs]).to(device, self.dtype)
+        sizes = [job.x.shape[0] for job in jobs]
+        row_job = torch.repeat_interleave(
+            torch.arange(len(jobs), device=device), torch.tensor(sizes, device=device)
+        )
+        if self._on_batch is not None:
+            self._on_batch(self.name, x.shape[0])
+        defaults = model.solver_defaults
+        solver: dict[str, Any] = dict(self._shared)
+        solver["tol"] = per_row(jobs, "tol", defaults["tol"], self.dtype, device)
+        solver["max_iter"] = per_row(jobs, "max_iter", defaults["max_iter"], torch.int64, device)
+        if all(job.z0 is None for job in jobs):
+            z0 = model.init_state(x)
+        else:
+            z0 = torch.cat(
+                [
+                    job.z0.to(device, self.dtype) if job.z0 is not None else model.init_state(job.x)
+                    for job in jobs
+                ]
+            )
+        with torch.no_grad():
+            inj = model.inject(x)
+        run = BatchSolve(
+            model.cell,
+            z0,
+            args=(inj,),
+            should_stop=stop_hook(jobs, row_job),
+            compile=self._compile,
+            **solver,
+        )
+        return _Batch(tickets, run, start)
+
+    def _finish(self, batch: _Batch) -> list[Ticket]:
+        result = batch.run.result()
+        with torch.no_grad():
+            y = self.model.head(result.z)
+            status = nonfinite_outputs(y, result.status).cpu()
+        y, z = y.cpu(), result.z.cpu()
+        iterations, residual = result.iterations.cpu(), result.residual.cpu()
+        solve_seconds, rows = time.monotonic() - batch.start, z.shape[0]
+        offset = 0
+        for ticket in batch.tickets:
+            part = slice(offset, offset + ticket.rows)
+            offset += ticket.rows
+            piece = SolveResult(
+                z=z[part],
+                iterations=iterations[part],
+                residual=residual[part],
+                status=status[part],
+                steps=result.steps,
+            )
+            queued = batch.start - ticket.job.submitted
+            ticket.outcome = SolveOutcome(y[part], piece, queued, solve_seconds, rows)
+            report(ticket.job, ticket.outcome)
+        return batch.tickets
+
+    def fail(self, exc: BaseException) -> list[Ticket]:
+        tickets = [t for batch in self.solving for t in batch.tickets] + list(self.waiting)
+        self.solving.clear()
+        self.waiting.clear()
+        for ticket in tickets:
+            ticket.error = exc
+        return tickets
