@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from deq_client.pb.inference import grpc_service_pb2_grpc as oip_grpc
 from deq_server import __version__
 from deq_server.models import bundled_checkpoints
 
+from . import processes
 from .auth import TokenAuthInterceptor, split_tokens
 from .config import ServerConfig, parse_config
 from .engine import ContinuousScheduler, RequestScheduler
@@ -172,10 +173,14 @@ async def sync_health(
         log.warning("health NOT_SERVING: %s", why)
 
 
-async def start_server(config: ServerConfig) -> RunningServer:
-    """Load the models, then start gRPC (health SERVING only once loaded) and /metrics."""
+async def start_server(config: ServerConfig, *, shared_port: bool = False) -> RunningServer:
+    """Load the models, then start gRPC (health SERVING only once loaded) and /metrics.
+
+    `shared_port`: bind the gRPC port with SO_REUSEPORT, beside sibling processes that do the
+    same (`--processes`, whose parent checked that the port was free)."""
     # A busy address fails before anything is loaded (fast, one line).
-    _check_free(config.address, "gRPC address")
+    if not shared_port:
+        _check_free(config.address, "gRPC address")
     if config.metrics_address:
         _check_free(config.metrics_address, "metrics address")
     metrics = Metrics()
@@ -209,8 +214,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         # gRPC sets SO_REUSEPORT by default: a second server would bind the same port and share
-        # its connections. A busy address must fail instead.
-        ("grpc.so_reuseport", 0),
+        # its connections. A busy address must fail instead (unless siblings share it on purpose).
+        ("grpc.so_reuseport", 1 if shared_port else 0),
     ]
     interceptors: list[grpc.aio.ServerInterceptor] = [GrpcMetricsInterceptor(metrics.registry)]
     infer_tokens, admin_tokens = (
@@ -317,9 +322,17 @@ async def start_server(config: ServerConfig) -> RunningServer:
     )
 
 
-async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM/SIGINT, then drain within the grace period."""
-    running = await start_server(config)
+async def serve(
+    config: ServerConfig,
+    *,
+    shared_port: bool = False,
+    on_ready: Callable[[int, int | None], None] | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT, then drain within the grace period; `on_ready(port,
+    metrics_port)` once serving."""
+    running = await start_server(config, shared_port=shared_port)
+    if on_ready is not None:
+        on_ready(running.port, running.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -330,26 +343,43 @@ async def serve(config: ServerConfig) -> None:
 
 
 class _JsonFormatter(logging.Formatter):
+    def __init__(self, process: str = "") -> None:
+        super().__init__()
+        self.process = process
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {"level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if self.process:
+            entry["process"] = self.process
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
+def setup_logging(config: ServerConfig, process: str = "") -> None:
+    """Log to stderr as --log-format says; `process` ("0", "1", ...) tags a child's lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log_format == "json":
+        handler.setFormatter(_JsonFormatter(process))
+    else:
+        tag = f"[{process}]" if process else ""
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
+        )
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
     # Every torch.load in the server process is weights-only, whatever its caller asks (torch's
-    # package reader, for one, falls back to full unpickling); set once, before any thread.
+    # package reader, for one, falls back to full unpickling); set once, before any thread
+    # (and inherited by --processes children).
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    handler = logging.StreamHandler(sys.stderr)
-    if config.log_format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    setup_logging(config)
     try:
+        if config.processes > 1:
+            sys.exit(processes.run(config))
         asyncio.run(serve(config))
     except StartupError as error:
         sys.exit(f"deq-server: error: {error}")

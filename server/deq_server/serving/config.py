@@ -45,6 +45,7 @@ class ServerConfig:
     max_batch_slots: int = 256
     compile_step: bool = False
     torch_threads: int = 0
+    processes: int = 1
     grace_seconds: float = 10.0
     strict_readiness: bool = False
     log_format: str = "text"
@@ -83,7 +84,8 @@ _HELP = {
     "scheduler": "continuous (samples join and leave the solver batch every iteration), request (a batch runs until its slowest sample is done) or auto (request on a CPU, where it measured faster; continuous on a GPU)",
     "max_batch_slots": "solver slots per model version and method setting (continuous scheduler)",
     "compile_step": "compile the solver's iterations with torch.compile: the request scheduler's with a dynamic batch size, the continuous one's per bucket of busy slots (1, 4, 16, ...); each compiled on first use (seconds on a CPU); a cell the continuous one cannot compile runs eagerly",
-    "torch_threads": "CPU threads per torch op (0: half the cores, the rest for gRPC and Python)",
+    "torch_threads": "CPU threads per torch op (0: half the cores, the rest for gRPC and Python; with --processes, that half split between them)",
+    "processes": "full server processes sharing the gRPC port (SO_REUSEPORT; the kernel spreads connections, so a client gains with several connections) behind one /metrics with a process label; more than 1 implies --model-control poll, so that one's Train commit reaches the others",
     "grace_seconds": "how long in-flight calls may finish after SIGTERM",
     "strict_readiness": "report NOT_SERVING while any checkpoint found at start failed to load (until LoadModel serves that model); without it, SERVING once any model is served",
     "log_format": "text or json",
@@ -199,6 +201,7 @@ _TYPES: dict[str, Callable[[str], Any]] = {
     "workers": _at_least(1),
     "max_batch_slots": _at_least(1),
     "torch_threads": _at_least(0),
+    "processes": _at_least(1, 64),
     "grace_seconds": _number(float, low=0, what="a finite number of seconds"),
 }
 
