@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from deq_server.core import BatchSolve, SolveResult, nonfinite_outputs
@@ -26,14 +27,12 @@ from .scheduler import (
     SolveJob,
     SolveOutcome,
     Ticket,
-    check_job,
     frozen,
     limit_of,
-    per_row,
-    per_sample,
     report,
     shared_settings,
     stop_hook,
+    ticket_settings,
     unstarted,
 )
 
@@ -80,11 +79,10 @@ class BatchLane:
         return not self.waiting and not self.solving
 
     def queue(self, job: SolveJob, future: asyncio.Future[SolveOutcome]) -> None:
-        defaults = self.model.solver_defaults
-        tol = per_sample(job, "tol", defaults["tol"], self.dtype)
-        max_iter = per_sample(job, "max_iter", defaults["max_iter"], torch.int64)
-        check_job(job, self.model, tol, max_iter)
-        self.waiting.append(Ticket(job=job, future=future, limit=limit_of(job)))
+        tol, max_iter = ticket_settings(job, self.model)
+        self.waiting.append(
+            Ticket(job=job, future=future, limit=limit_of(job), tol=tol, max_iter=max_iter)
+        )
 
     def turn(self) -> list[Ticket]:
         finished: list[Ticket] = []
@@ -133,17 +131,24 @@ class BatchLane:
         start = time.monotonic()
         model, device, jobs = self.model, self.device, [t.job for t in tickets]
         # Host<->device copies happen here, on the engine thread, never on the event loop.
-        x = torch.cat([job.x for job in jobs]).to(device, self.dtype)
-        sizes = [job.x.shape[0] for job in jobs]
-        row_job = torch.repeat_interleave(
-            torch.arange(len(jobs), device=device), torch.tensor(sizes, device=device)
-        )
+        if len(jobs) == 1:  # the common case at low load: no concatenation
+            x = jobs[0].x.to(device, self.dtype)
+            row_job = torch.zeros(x.shape[0], dtype=torch.int64, device=device)
+        else:
+            x = torch.cat([job.x for job in jobs]).to(device, self.dtype)
+            sizes = [job.x.shape[0] for job in jobs]
+            row_job = torch.repeat_interleave(
+                torch.arange(len(jobs), device=device), torch.tensor(sizes, device=device)
+            )
         if self._on_batch is not None:
             self._on_batch(self.name, x.shape[0])
-        defaults = model.solver_defaults
         solver: dict[str, Any] = dict(self._shared)
-        solver["tol"] = per_row(jobs, "tol", defaults["tol"], self.dtype, device)
-        solver["max_iter"] = per_row(jobs, "max_iter", defaults["max_iter"], torch.int64, device)
+        tol = np.concatenate([t.tol for t in tickets]) if len(tickets) > 1 else tickets[0].tol
+        cap = [t.max_iter for t in tickets]
+        solver["tol"] = torch.from_numpy(tol).to(device)
+        solver["max_iter"] = torch.from_numpy(np.concatenate(cap) if len(cap) > 1 else cap[0]).to(
+            device
+        )
         if all(job.z0 is None for job in jobs):
             z0 = model.init_state(x)
         else:

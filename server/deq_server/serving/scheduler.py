@@ -79,6 +79,8 @@ class Ticket:
     job: SolveJob
     future: asyncio.Future[SolveOutcome]
     limit: float | None
+    tol: np.ndarray  # (rows,) in the serving dtype
+    max_iter: np.ndarray  # (rows,) int64
     outcome: SolveOutcome | None = None
     error: BaseException | None = None
 
@@ -190,10 +192,38 @@ def shared_settings(job: SolveJob) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k not in ("tol", "max_iter")}
 
 
+_KEYS: weakref.WeakKeyDictionary[DEQModel, dict[tuple[Any, ...], tuple[Any, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def batch_key(job: SolveJob) -> tuple[Any, ...]:
     """Jobs with equal keys can share one solve (or one slot pool): same model version and
-    shared settings."""
-    return (id(job.model), tuple(sorted(shared_settings(job).items())))
+    shared settings. Cached per model and request settings (requests repeat them)."""
+    asked = tuple(sorted((k, v) for k, v in job.solver.items() if k not in ("tol", "max_iter")))
+    try:
+        keys = _KEYS.get(job.model)
+        if keys is None:
+            keys = _KEYS[job.model] = {}
+        key = keys.get(asked)
+    except TypeError:  # an unhashable setting: no cache
+        return (id(job.model), tuple(sorted(shared_settings(job).items())))
+    if key is None:
+        key = (id(job.model), tuple(sorted(shared_settings(job).items())))
+        if len(keys) < 64:  # distinct settings are few; a flood of odd ones is not kept
+            keys[asked] = key
+    return key
+
+
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype[Any]] = {}
+
+
+def numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
+    """numpy's twin of a torch dtype (cached: asking torch costs a tensor per call)."""
+    kind = _NUMPY_DTYPES.get(dtype)
+    if kind is None:
+        kind = _NUMPY_DTYPES[dtype] = torch.empty((), dtype=dtype).numpy().dtype
+    return kind
 
 
 def per_sample(job: SolveJob, key: str, default: Any, dtype: torch.dtype) -> np.ndarray:
@@ -203,22 +233,24 @@ def per_sample(job: SolveJob, key: str, default: Any, dtype: torch.dtype) -> np.
     not an overflow to inf in float32.
     """
     value = job.solver.get(key, default)
+    kind = numpy_dtype(dtype)
     if isinstance(value, Tensor):
         out = value.detach().cpu().double().numpy()
-    else:
-        out = np.full(job.x.shape[0], value, dtype=np.float64)
-    kind = torch.empty((), dtype=dtype).numpy().dtype
+        if dtype.is_floating_point:
+            out = np.minimum(out, np.finfo(kind).max)
+        return out.astype(kind)
     if dtype.is_floating_point:
-        out = np.minimum(out, np.finfo(kind).max)
-    return out.astype(kind)
+        value = min(value, float(np.finfo(kind).max))  # NaN stays NaN (min keeps the first)
+    return np.full(job.x.shape[0], value, dtype=kind)
 
 
-def per_row(
-    jobs: list[SolveJob], key: str, default: Any, dtype: torch.dtype, device: Any
-) -> Tensor:
-    """One value per batch row, from each job's scalar or per-sample setting."""
-    rows = np.concatenate([per_sample(job, key, default, dtype) for job in jobs])
-    return torch.from_numpy(rows).to(device)
+def ticket_settings(job: SolveJob, model: DEQModel) -> tuple[np.ndarray, np.ndarray]:
+    """A job's per-sample tolerances (in the model's dtype) and caps, checked (`check_job`)."""
+    defaults, dtype = model.solver_defaults, next(model.parameters()).dtype
+    tol = per_sample(job, "tol", defaults["tol"], dtype)
+    max_iter = per_sample(job, "max_iter", defaults["max_iter"], torch.int64)
+    check_job(job, model, tol, max_iter)
+    return tol, max_iter
 
 
 def report(job: SolveJob, outcome: SolveOutcome) -> None:

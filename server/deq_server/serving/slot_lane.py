@@ -28,12 +28,12 @@ from .scheduler import (
     SolveJob,
     SolveOutcome,
     Ticket,
-    check_job,
     frozen,
     limit_of,
-    per_sample,
+    numpy_dtype,
     report,
     shared_settings,
+    ticket_settings,
     unstarted,
     verdict,
 )
@@ -46,8 +46,6 @@ class _SlotTicket(Ticket):
     """A request's per-sample settings and results, host-side (numpy: per-sample bookkeeping
     without a torch call per sample or step)."""
 
-    tol: np.ndarray
-    max_iter: np.ndarray
     y: np.ndarray
     z: np.ndarray
     iterations: np.ndarray
@@ -75,7 +73,7 @@ class SlotLane:
         shared = shared_settings(job)
         ref = next(self.model.parameters())
         self.device, self.dtype = ref.device, ref.dtype
-        self.np_dtype = torch.empty((), dtype=ref.dtype).numpy().dtype
+        self.np_dtype = numpy_dtype(ref.dtype)
         with torch.no_grad():
             probe = self.model.inject(
                 torch.zeros(1, *self.model.input_shape, dtype=self.dtype, device=self.device)
@@ -90,7 +88,6 @@ class SlotLane:
             compile=compile_step,
             **shared,
         )
-        self.defaults = self.model.solver_defaults  # per-sample tol/max_iter when unset
         self.waiting: deque[_SlotTicket] = deque()
         self.active: dict[_SlotTicket, None] = {}  # admitted, not finished; insertion-ordered
         self.idle_since = time.monotonic()
@@ -102,9 +99,7 @@ class SlotLane:
 
     def queue(self, job: SolveJob, future: asyncio.Future[SolveOutcome]) -> None:
         rows, model, real = job.x.shape[0], self.model, self.np_dtype
-        tol = per_sample(job, "tol", self.defaults["tol"], self.dtype)
-        max_iter = per_sample(job, "max_iter", self.defaults["max_iter"], torch.int64)
-        check_job(job, model, tol, max_iter)
+        tol, max_iter = ticket_settings(job, model)
         self.waiting.append(
             _SlotTicket(
                 job=job,
