@@ -28,6 +28,7 @@ from .scheduler import (
     SolveOutcome,
     Ticket,
     frozen,
+    host_cat,
     limit_of,
     report,
     shared_settings,
@@ -79,7 +80,7 @@ class BatchLane:
         return not self.waiting and not self.solving
 
     def queue(self, job: SolveJob, future: asyncio.Future[SolveOutcome]) -> None:
-        tol, max_iter = ticket_settings(job, self.model)
+        tol, max_iter = ticket_settings(job, self.model, self.dtype)
         self.waiting.append(
             Ticket(job=job, future=future, limit=limit_of(job), tol=tol, max_iter=max_iter)
         )
@@ -131,15 +132,9 @@ class BatchLane:
         start = time.monotonic()
         model, device, jobs = self.model, self.device, [t.job for t in tickets]
         # Host<->device copies happen here, on the engine thread, never on the event loop.
-        if len(jobs) == 1:  # the common case at low load: no concatenation
-            x = jobs[0].x.to(device, self.dtype)
-            row_job = torch.zeros(x.shape[0], dtype=torch.int64, device=device)
-        else:
-            x = torch.cat([job.x for job in jobs]).to(device, self.dtype)
-            sizes = [job.x.shape[0] for job in jobs]
-            row_job = torch.repeat_interleave(
-                torch.arange(len(jobs), device=device), torch.tensor(sizes, device=device)
-            )
+        x = host_cat([job.x for job in jobs]).to(device, self.dtype)
+        sizes = [ticket.rows for ticket in tickets]
+        row_job = torch.from_numpy(np.repeat(np.arange(len(jobs)), sizes)).to(device)
         if self._on_batch is not None:
             self._on_batch(self.name, x.shape[0])
         solver: dict[str, Any] = dict(self._shared)

@@ -36,6 +36,7 @@ IDLE_LANE_SECONDS = 30.0
 
 BatchObserver = Callable[[str, int], None]
 Delivery = tuple[asyncio.Future[SolveOutcome], SolveOutcome | None, BaseException | None]
+Job = tuple[SolveJob, asyncio.Future[SolveOutcome]]
 
 
 def _deliver(items: list[Delivery]) -> None:
@@ -53,7 +54,7 @@ def _deliver(items: list[Delivery]) -> None:
 class _Inbox:
     """Jobs handed from the event loop to the engine thread."""
 
-    items: list[tuple[SolveJob, asyncio.Future[SolveOutcome]]] = field(default_factory=list)
+    items: list[Job] = field(default_factory=list)
     closed: bool = False
 
 
@@ -86,6 +87,8 @@ class Engine:
         self._inbox = _Inbox()
         self._cond = threading.Condition()
         self._lanes: dict[tuple[Any, ...], Lane] = {}
+        # jobs submitted during the current event-loop iteration, per loop (see submit)
+        self._outboxes: dict[asyncio.AbstractEventLoop, list[Job]] = {}
         self._pending = 0
         self._thread = threading.Thread(target=self._run, name="deq-engine", daemon=True)
         self._thread.start()
@@ -95,19 +98,37 @@ class Engine:
         return self._pending
 
     async def submit(self, job: SolveJob) -> SolveOutcome:
+        """Solve `job` (queued with the jobs submitted in the same event-loop iteration: they
+        reach the engine together, so requests that arrive together are batched together)."""
         if not self._thread.is_alive():
             raise RuntimeError("the scheduler's engine thread is not running")
-        future: asyncio.Future[SolveOutcome] = asyncio.get_running_loop().create_future()
+        if self._inbox.closed:
+            raise RuntimeError("the scheduler is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[SolveOutcome] = loop.create_future()
         self._pending += 1
         try:
-            with self._cond:
-                if self._inbox.closed:
-                    raise RuntimeError("the scheduler is closed")
-                self._inbox.items.append((job, future))
-                self._cond.notify()
+            outbox = self._outboxes.setdefault(loop, [])
+            outbox.append((job, future))
+            if len(outbox) == 1:
+                loop.call_soon(self._flush, loop)
             return await future
         finally:
             self._pending -= 1
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the event loop: hand this iteration's jobs to the engine, one lock and one wake-up
+        for all of them."""
+        items = self._outboxes.pop(loop, [])
+        if not items:
+            return
+        with self._cond:
+            if self._inbox.closed:
+                closed = RuntimeError("the scheduler is closed")
+                _deliver([(future, None, closed) for _, future in items])
+                return
+            self._inbox.items += items
+            self._cond.notify()
 
     def _lane(self, job: SolveJob) -> Lane:
         method = shared_settings(job)["method"]
@@ -127,7 +148,7 @@ class Engine:
             return (future, None, exc)
         return None
 
-    def _wait_for_work(self) -> list[tuple[SolveJob, asyncio.Future[SolveOutcome]]] | None:
+    def _wait_for_work(self) -> list[Job] | None:
         """New jobs (possibly none while lanes are busy); None when closed."""
         with self._cond:
             while not self._inbox.items and not self._inbox.closed:
@@ -183,6 +204,7 @@ class Engine:
 
     async def close(self) -> None:
         """Stop: queued and solving requests fail with RuntimeError (none is left hanging)."""
+        self._flush(asyncio.get_running_loop())  # this iteration's jobs: failed with the rest
         with self._cond:
             self._inbox.closed = True
             self._cond.notify()

@@ -29,6 +29,7 @@ from .scheduler import (
     SolveOutcome,
     Ticket,
     frozen,
+    host_cat,
     limit_of,
     numpy_dtype,
     report,
@@ -99,7 +100,7 @@ class SlotLane:
 
     def queue(self, job: SolveJob, future: asyncio.Future[SolveOutcome]) -> None:
         rows, model, real = job.x.shape[0], self.model, self.np_dtype
-        tol, max_iter = ticket_settings(job, model)
+        tol, max_iter = ticket_settings(job, model, self.dtype)
         self.waiting.append(
             _SlotTicket(
                 job=job,
@@ -140,7 +141,7 @@ class SlotLane:
                 self.waiting.popleft()
         if not chunks:
             return dropped
-        x = torch.cat([t.job.x[s : s + k] for t, s, k in chunks]).to(self.device, self.dtype)
+        x = host_cat([t.job.x[s : s + k] for t, s, k in chunks]).to(self.device, self.dtype)
         # The start is the request's warm start or, as `solve`'s, the model's init_state.
         if all(t.job.z0 is None for t, _, _ in chunks):
             z0 = self.model.init_state(x)
