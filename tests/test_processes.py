@@ -59,6 +59,14 @@ class Server:
             if found := re.search(pattern, line):
                 return found
 
+    def rest(self, timeout: float = 120) -> str:
+        """Every line until the end of the output: once the parent and every child it started
+        have closed stderr (queue.Empty if that takes longer than `timeout` per line)."""
+        lines = []
+        while line := self.lines.get(timeout=timeout):
+            lines.append(line)
+        return "".join(lines)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -126,7 +134,7 @@ def test_sigterm_drains_every_process_and_exits_zero(tmp_path):
     with two_processes(tmp_path / "models") as (server, _, _):
         pass  # stop() sends SIGTERM
     assert server.proc.returncode == 0
-    rest = "".join(server.seen) + "".join(iter(server.lines.get, ""))
+    rest = "".join(server.seen) + server.rest()
     assert re.search(r"\[0\]: stopped: drained", rest)
     assert re.search(r"\[1\]: stopped: drained", rest)
 
@@ -139,7 +147,7 @@ def test_a_busy_port_is_refused_before_any_child_starts(tmp_path):
         server = Server("--address", f"127.0.0.1:{busy}", "--model-dir", str(tmp_path / "m"))
         server.expect(f"gRPC address 127.0.0.1:{busy} is not available")
         assert server.proc.wait(timeout=60) == 1
-    output = "".join(server.seen) + "".join(iter(server.lines.get, ""))
+    output = "".join(server.seen) + server.rest()
     assert "[0]" not in output
     assert "[1]" not in output
 
@@ -164,3 +172,20 @@ def test_a_child_that_dies_takes_the_unit_down(tmp_path):
         assert server.proc.wait(timeout=60) == 1
     for kid in children:  # none left behind: the parent reaped both before it exited
         assert not Path(f"/proc/{kid}").exists()
+
+
+def test_sigterm_while_the_children_start_stops_them_all(tmp_path):
+    server = Server("--address", "127.0.0.1:0", "--model-dir", str(tmp_path / "m"))
+    server.expect(r"\[\d\]: ")  # a child is starting (or already serving)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=60) == 0
+    server.rest()  # every child shares this stderr: its end means none is left running
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_children_stop_when_the_parent_is_killed(tmp_path):
+    with two_processes(tmp_path / "models") as (server, _, _):
+        server.proc.kill()  # SIGKILL: no handler runs in the parent
+        rest = server.rest()  # until every child closed stderr
+    assert re.search(r"\[0\]: stopped: drained", rest)
+    assert re.search(r"\[1\]: stopped: drained", rest)

@@ -32,7 +32,9 @@ import math
 import os
 import re
 import stat
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -447,5 +449,14 @@ def scan_package(data: bytes, max_bytes: int) -> Scan:
             return _scan(zf, max_bytes)
     except PackageRefusedError:
         raise
-    except (zipfile.BadZipFile, EOFError, KeyError, OSError, ValueError) as exc:
+    except (
+        zipfile.BadZipFile,
+        EOFError,
+        KeyError,
+        OSError,
+        ValueError,
+        NotImplementedError,  # zipfile: a "version needed" or compression it does not know
+        struct.error,
+        zlib.error,
+    ) as exc:
         raise PackageRefusedError(f"corrupt archive: {str(exc)[:200]}") from None

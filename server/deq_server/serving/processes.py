@@ -95,10 +95,25 @@ class ChildMetrics:
         yield from merged.values()
 
 
-def _child(config: ServerConfig, index: int, conn: Connection) -> None:
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this child when the parent dies (even by SIGKILL), so that no child keeps
+    serving a port nobody supervises; it drains as on any SIGTERM."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _child(config: ServerConfig, index: int, parent: int, conn: Connection) -> None:
     """A child's entry point (spawned): run one full server on the shared port, report ready."""
     from .app import StartupError, serve, setup_logging
 
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        return
     setup_logging(config, str(index))
 
     def ready(port: int, metrics_port: int | None) -> None:
@@ -109,6 +124,35 @@ def _child(config: ServerConfig, index: int, conn: Connection) -> None:
     except StartupError as error:
         conn.send(("error", str(error)))
         sys.exit(1)
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT as a readable socket (for `wait`) and a flag, installed for the parent's
+    whole life: a signal during the children's start stops them too."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._read, self._write = socket.socketpair()
+        self._write.setblocking(False)
+        self._previous = {
+            s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)
+        }
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.received = True
+        with contextlib.suppress(BlockingIOError):  # one wake-up byte is enough
+            self._write.send(b"x")
+
+    @property
+    def readable(self) -> socket.socket:
+        """Readable once a signal came."""
+        return self._read
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._read.close()
+        self._write.close()
 
 
 def _reserve_port(address: str) -> tuple[socket.socket, int]:
@@ -126,7 +170,7 @@ def _reserve_port(address: str) -> tuple[socket.socket, int]:
 
 def run(config: ServerConfig) -> int:
     """Run `config.processes` children until SIGTERM/SIGINT; the exit status."""
-    from .app import StartupError, _check_free, _split
+    from .app import _check_free
 
     _check_free(config.address, "gRPC address")  # a busy port fails before any child starts
     if config.metrics_address:
@@ -134,6 +178,16 @@ def run(config: ServerConfig) -> int:
     if config.model_dir is not None:  # once, here: children starting together would race
         remove_stale_temp_files(config.model_dir)
         seed_with(config.model_dir, bundled_checkpoints())
+    stop = _StopSignal()
+    try:
+        return _run(config, stop)
+    finally:
+        stop.close()
+
+
+def _run(config: ServerConfig, stop: _StopSignal) -> int:
+    from .app import StartupError, _split
+
     holder, port = _reserve_port(config.address)
     spawn = multiprocessing.get_context("spawn")
     children: list[tuple[Any, Connection]] = []
@@ -141,19 +195,22 @@ def run(config: ServerConfig) -> int:
         mine, theirs = spawn.Pipe(duplex=False)
         process = spawn.Process(
             target=_child,
-            args=(child_config(config, port), index, theirs),
+            args=(child_config(config, port), index, os.getpid(), theirs),
             name=f"deq-server-{index}",
         )
         process.start()
         theirs.close()
         children.append((process, mine))
     try:
-        metrics_ports = _wait_ready(children)
+        metrics_ports = _wait_ready(children, stop)
     except StartupError:
         _stop(children, config.grace_seconds)
         raise
     finally:
         holder.close()
+    if metrics_ports is None:  # a signal while they started
+        log.info("stopping %d server processes before they all started", len(children))
+        return 0 if _clean(_stop(children, config.grace_seconds)) else 1
 
     metrics_http, metrics_port = None, None
     if config.metrics_address:
@@ -174,15 +231,15 @@ def run(config: ServerConfig) -> int:
         _join(_split(config.address)[0] or "0.0.0.0", port),
         f"{_split(config.metrics_address)[0]}:{metrics_port}" if metrics_port else "off",
     )
-    status = _supervise(children, config.grace_seconds)
+    status = _supervise(children, config.grace_seconds, stop)
     if metrics_http is not None:
         metrics_http.shutdown()
     return status
 
 
-def _wait_ready(children: list[tuple[Any, Connection]]) -> list[int]:
-    """Each child's private metrics port once all are serving; a child that fails or dies
-    first is a StartupError (with the child's own message)."""
+def _wait_ready(children: list[tuple[Any, Connection]], stop: _StopSignal) -> list[int] | None:
+    """Each child's private metrics port once all are serving (None: a stop signal came
+    first); a child that fails or dies first is a StartupError (with the child's own message)."""
     from .app import StartupError
 
     ports: dict[int, int] = {}
@@ -191,7 +248,9 @@ def _wait_ready(children: list[tuple[Any, Connection]]) -> list[int]:
         handles: dict[Any, int] = {}
         for index, (process, conn) in pending.items():
             handles[conn], handles[process.sentinel] = index, index
-        for handle in wait(list(handles)):
+        for handle in wait([stop.readable, *handles]):
+            if handle is stop.readable or stop.received:
+                return None
             index = handles[handle]
             if index not in pending:
                 continue
@@ -210,35 +269,23 @@ def _wait_ready(children: list[tuple[Any, Connection]]) -> list[int]:
     return [ports[i] for i in range(len(children))]
 
 
-def _supervise(children: list[tuple[Any, Connection]], grace: float) -> int:
+def _supervise(children: list[tuple[Any, Connection]], grace: float, stop: _StopSignal) -> int:
     """Wait for a stop signal or a child's death; then stop every child. The exit status: 0
     when the children drained after a signal, 1 when one died on its own."""
-    wake_r, wake_w = socket.socketpair()
-    wake_w.setblocking(False)
-    stopping = False
+    sentinels = {process.sentinel: index for index, (process, _) in enumerate(children)}
+    ready = wait([stop.readable, *sentinels])
+    if stop.received:
+        log.info("draining %d server processes (grace %.1fs)", len(children), grace)
+    else:
+        dead = [sentinels[s] for s in ready if s in sentinels]
+        log.error("server process %s exited; stopping the others", dead[0])
+    codes = _stop(children, grace)
+    return 0 if stop.received and _clean(codes) else 1
 
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        with contextlib.suppress(BlockingIOError):  # one wake-up byte is enough
-            wake_w.send(b"x")
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        sentinels = {process.sentinel: index for index, (process, _) in enumerate(children)}
-        ready = wait([wake_r, *sentinels])
-        if not stopping:
-            dead = [sentinels[s] for s in ready if s in sentinels]
-            log.error("server process %s exited; stopping the others", dead[0])
-        else:
-            log.info("draining %d server processes (grace %.1fs)", len(children), grace)
-        codes = _stop(children, grace)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        wake_r.close()
-        wake_w.close()
-    return 0 if stopping and not any(codes) else 1
+def _clean(codes: list[int]) -> bool:
+    """Every child exited 0, or was ended by our SIGTERM before its drain handler existed."""
+    return all(code in (0, -signal.SIGTERM) for code in codes)
 
 
 def _stop(children: list[tuple[Any, Connection]], grace: float) -> list[int]:
