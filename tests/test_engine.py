@@ -16,8 +16,9 @@ from small_models import slow_model_dir
 from test_continuous import Steps, assert_solo
 
 from deq_server.core import BatchSolve, Status, load_checkpoint, solve
+from deq_server.models import bundled_checkpoints
 from deq_server.serving.engine import ContinuousScheduler, RequestScheduler
-from deq_server.serving.scheduler import SolveJob
+from deq_server.serving.scheduler import SolveJob, frozen
 
 
 def slow(tmp_path):
@@ -165,3 +166,76 @@ def test_a_caller_that_leaves_before_its_solve_is_reported_cancelled(tmp_path, k
     assert solved[0].result.status.tolist() == [int(Status.CANCELLED)]
     if kind == "request":
         assert steps.rows == [1, 1]  # `first`'s batch and `after`'s: none for `gone`
+
+
+@pytest.mark.parametrize("kind", ["request", "continuous"])
+def test_a_failing_batch_fails_alone_and_the_engine_keeps_serving(tmp_path, kind):
+    """A head that raises (out of memory, say) fails the requests it was answering; the next
+    request is served; nobody is left waiting."""
+    model = slow(tmp_path)
+    copy = frozen(model)
+    real_head = copy.head
+    calls = []
+
+    def head_failing_once(z):
+        calls.append(z.shape[0])
+        if len(calls) == 1:
+            raise RuntimeError("the head ran out of memory")
+        return real_head(z)
+
+    copy.head = head_failing_once
+
+    async def main():
+        scheduler = make(kind, Steps())
+        first = SolveJob(model, torch.randn(1, 8), {"tol": 1e3})
+        failed = await asyncio.wait_for(
+            asyncio.gather(scheduler.submit(first), return_exceptions=True), 60
+        )
+        second = SolveJob(model, torch.randn(1, 8), {"tol": 1e3})
+        outcome = await asyncio.wait_for(scheduler.submit(second), 60)
+        await scheduler.close()
+        return failed[0], outcome
+
+    try:
+        failed, outcome = asyncio.run(main())
+    finally:
+        del copy.head
+    assert isinstance(failed, RuntimeError)
+    assert outcome.result.status.tolist() == [int(Status.CONVERGED)]
+
+
+@pytest.mark.parametrize("kind", ["request", "continuous"])
+def test_close_answers_a_job_submitted_in_the_same_loop_iteration(kind):
+    """A job still in the event loop's hand-over list when close() runs fails; it never hangs."""
+    model = load_checkpoint(bundled_checkpoints()["digits"]).eval()
+
+    async def main():
+        scheduler = make(kind, Steps())
+        call = asyncio.ensure_future(scheduler.submit(SolveJob(model, torch.zeros(1, 64), {})))
+        await asyncio.sleep(0)  # one loop pass: the job is in the hand-over list, not flushed
+        await scheduler.close()
+        return await asyncio.wait_for(asyncio.gather(call, return_exceptions=True), 60)
+
+    (result,) = asyncio.run(main())
+    assert isinstance(result, RuntimeError)
+
+
+def test_zero_row_jobs_are_refused_alone():
+    model = load_checkpoint(bundled_checkpoints()["digits"]).eval()
+
+    async def main():
+        scheduler = ContinuousScheduler(slots=4)
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                scheduler.submit(SolveJob(model, torch.zeros(0, 64), {})),
+                scheduler.submit(SolveJob(model, torch.full((1, 64), 8.0), {})),
+                return_exceptions=True,
+            ),
+            60,
+        )
+        await scheduler.close()
+        return results
+
+    empty, good = asyncio.run(main())
+    assert isinstance(empty, ValueError)
+    assert good.result.status.tolist() == [int(Status.CONVERGED)]

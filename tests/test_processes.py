@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from deq_client import DEQClient
@@ -87,8 +90,16 @@ def two_processes(model_dir: Path, *args: str) -> Iterator[tuple[Server, int, in
 
 
 def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+    """Samples by name, from the classic text format; the OpenMetrics one (what Prometheus
+    asks for) must parse too."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
         text = reply.read().decode()
+    ask = urllib.request.Request(url, headers={"Accept": "application/openmetrics-text"})
+    with urllib.request.urlopen(ask, timeout=10) as reply:
+        assert reply.headers["Content-Type"].startswith("application/openmetrics-text")
+        families = list(openmetrics_families(reply.read().decode()))
+    assert {f.name for f in families} >= {"deq_inference_requests", "deq_model_info"}
     out: dict[str, list[tuple[dict[str, str], float]]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

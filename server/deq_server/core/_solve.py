@@ -230,7 +230,10 @@ class BatchSolve:
         return int(self._z.shape[0])
 
     def step(self) -> None:
-        """One iteration on the active rows: evaluate, retire who stops, compact the rest."""
+        """One iteration on the active rows: evaluate, retire who stops, compact the rest (none
+        once `done`)."""
+        if self.done:
+            return
         with torch.no_grad():
             self._step()
 

@@ -198,7 +198,9 @@ async def start_server(config: ServerConfig, *, shared_port: bool = False) -> Ru
         min_tol=config.min_tol,
         on_evict=lambda name, version: metrics.model_info.remove(name, version, str(device)),
     )
-    registry.load_all(config.model_dir, bundled_checkpoints())
+    # Siblings (--processes) share the directory: their parent cleaned and seeded it once, and a
+    # slow sibling must not delete the temp file of another's commit in flight.
+    registry.load_all(config.model_dir, bundled_checkpoints(), prepare=not shared_port)
     for name, served in registry.models.items():
         for version in served.versions:
             metrics.model_served(name, version, str(registry.device))
@@ -331,12 +333,12 @@ async def serve(
     """Run until SIGTERM/SIGINT, then drain within the grace period; `on_ready(port,
     metrics_port)` once serving."""
     running = await start_server(config, shared_port=shared_port)
-    if on_ready is not None:
-        on_ready(running.port, running.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:  # after the handlers: a stop from now on drains
+        on_ready(running.port, running.metrics_port)
     await stop.wait()
     log.info("draining (grace %.1fs)", config.grace_seconds)
     await running.stop(config.grace_seconds)

@@ -90,10 +90,17 @@ class BatchLane:
         if len(self.solving) < self._batches and self.waiting:
             finished += self._start()
         for batch in list(self.solving):
-            batch.run.step()
-            if batch.run.done:
-                self.solving.remove(batch)
-                finished += self._finish(batch)
+            try:
+                batch.run.step()
+                if batch.run.done:
+                    self.solving.remove(batch)
+                    finished += self._finish(batch)
+            except Exception as exc:  # this batch's requests get the error, not the lane's
+                if batch in self.solving:
+                    self.solving.remove(batch)
+                for ticket in batch.tickets:
+                    ticket.error = exc
+                finished += batch.tickets
         if self.idle:
             self.idle_since = time.monotonic()
         return finished

@@ -168,6 +168,21 @@ class Engine:
                 del self._lanes[key]
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:  # however the loop ended, nobody is left waiting
+            with self._cond:
+                self._inbox.closed = True
+                leftover, self._inbox.items = self._inbox.items, []
+            closed = RuntimeError("the scheduler is closed")
+            failed: list[Delivery] = [(future, None, closed) for _, future in leftover]
+            for lane in self._lanes.values():
+                with contextlib.suppress(Exception):
+                    failed += [(t.future, None, closed) for t in lane.fail(closed)]
+            self._lanes.clear()
+            self._send(failed)
+
+    def _serve(self) -> None:
         checked = time.monotonic()
         while (items := self._wait_for_work()) is not None:
             if time.monotonic() - checked > 1.0:  # under load the thread never waits: check here
@@ -187,11 +202,6 @@ class Engine:
                     del self._lanes[key]
                 done += [(t.future, t.outcome, t.error) for t in finished]
             self._send(done)
-        closed = RuntimeError("the scheduler is closed")
-        leftover: list[Delivery] = [(future, None, closed) for _, future in self._inbox.items]
-        for lane in self._lanes.values():
-            leftover += [(t.future, None, closed) for t in lane.fail(closed)]
-        self._send(leftover)
 
     @staticmethod
     def _send(done: list[Delivery]) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import http.client
 import logging
 import multiprocessing
 import os
@@ -80,10 +81,15 @@ class ChildMetrics:
                 url = f"http://127.0.0.1:{port}/metrics"
                 with urllib.request.urlopen(url, timeout=5) as reply:
                     text = reply.read().decode()
-            except OSError as exc:
+            except (OSError, http.client.HTTPException) as exc:
                 log.warning("process %d: metrics not scraped: %s", index, exc)
                 continue
-            for family in text_string_to_metric_families(text):
+            try:
+                families = list(text_string_to_metric_families(text))
+            except ValueError as exc:
+                log.warning("process %d: metrics not parsed: %s", index, exc)
+                continue
+            for family in families:
                 into = merged.get(family.name)
                 if into is None:
                     into = merged[family.name] = Metric(
@@ -124,6 +130,10 @@ def _child(config: ServerConfig, index: int, parent: int, conn: Connection) -> N
     except StartupError as error:
         conn.send(("error", str(error)))
         sys.exit(1)
+    except Exception as exc:  # a TLS key that cannot be read, say: one line to the parent
+        with contextlib.suppress(OSError):
+            conn.send(("error", f"server process {index}: {type(exc).__name__}: {exc}"))
+        raise
 
 
 class _StopSignal:
@@ -158,13 +168,18 @@ class _StopSignal:
 def _reserve_port(address: str) -> tuple[socket.socket, int]:
     """A SO_REUSEPORT socket bound to the address (never listening, so it takes no
     connection): it pins port 0's pick for the children and is closed once they listen."""
-    from .app import _split
+    from .app import StartupError, _split
 
     host, port = _split(address)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    holder = socket.socket(family, socket.SOCK_STREAM)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind((host or "0.0.0.0", port))
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        holder = socket.socket(family, kind, proto)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(sockaddr)
+    except OSError as error:
+        raise StartupError(f"gRPC address {address} is not available ({error})") from None
     return holder, int(holder.getsockname()[1])
 
 
@@ -186,11 +201,28 @@ def run(config: ServerConfig) -> int:
 
 
 def _run(config: ServerConfig, stop: _StopSignal) -> int:
+    # Children built on this process's prometheus_client export no *_created series: merged
+    # under one family name they would clash in the OpenMetrics format Prometheus asks for.
+    os.environ["PROMETHEUS_DISABLE_CREATED_SERIES"] = "True"
+    holder, port = _reserve_port(config.address)
+    children: list[tuple[Any, Connection]] = []
+    try:
+        return _supervised(config, stop, holder, port, children)
+    finally:  # whatever went wrong, no child is left serving without its parent
+        if any(process.is_alive() for process, _ in children):
+            _stop(children, config.grace_seconds)
+
+
+def _supervised(
+    config: ServerConfig,
+    stop: _StopSignal,
+    holder: socket.socket,
+    port: int,
+    children: list[tuple[Any, Connection]],
+) -> int:
     from .app import StartupError, _split
 
-    holder, port = _reserve_port(config.address)
     spawn = multiprocessing.get_context("spawn")
-    children: list[tuple[Any, Connection]] = []
     for index in range(config.processes):
         mine, theirs = spawn.Pipe(duplex=False)
         process = spawn.Process(

@@ -278,13 +278,17 @@ class Registry:
             return False, f"checkpoints failed to load (--strict-readiness): {sorted(self.failed)}"
         return True, ""
 
-    def load_all(self, model_dir: Path | None, bundled: Mapping[str, Path]) -> None:
+    def load_all(
+        self, model_dir: Path | None, bundled: Mapping[str, Path], *, prepare: bool = True
+    ) -> None:
         """Load every checkpoint of the directory, seeding an empty one with `bundled` (name ->
         file) first; serve `bundled` from where it lies when there is no directory or it cannot
-        be written. Temp files a killed commit left behind are removed first."""
-        remove_stale_temp_files(model_dir)
-        if model_dir is not None:
-            seed_with(model_dir, bundled)
+        be written. Temp files a killed commit left behind are removed first. `prepare=False`:
+        neither (someone else prepared the directory)."""
+        if prepare:
+            remove_stale_temp_files(model_dir)
+            if model_dir is not None:
+                seed_with(model_dir, bundled)
         found = discover(model_dir)
         if not found:
             found = {name: {"1": path} for name, path in bundled.items()}

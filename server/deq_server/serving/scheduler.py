@@ -127,7 +127,9 @@ def verdict(job: SolveJob, limit: float | None, now: float) -> int:
 def check_shapes(job: SolveJob, model: DEQModel) -> None:
     """Refuse a job whose input or warm start does not fit the model, before it joins a batch
     where its failure would fail its neighbours."""
-    rows = job.x.shape[0]
+    rows = job.x.shape[0] if job.x.dim() else 0
+    if rows == 0:
+        raise ValueError("a request needs at least one sample")
     if tuple(job.x.shape[1:]) != model.input_shape or not job.x.is_floating_point():
         raise ValueError(f"input must be float (B, {model.input_shape}), got {job.x.shape}")
     if job.z0 is not None and tuple(job.z0.shape) != (rows, *model.state_shape):
@@ -203,8 +205,8 @@ def batch_key(job: SolveJob) -> tuple[Any, ...]:
         if keys is None:
             keys = _KEYS[job.model] = {}
         key = keys.get(asked)
-    except TypeError:  # an unhashable setting: no cache
-        return (id(job.model), tuple(sorted(shared_settings(job).items())))
+    except TypeError:  # an unhashable setting (a list, say): no cache, keyed by its text
+        return (id(job.model), tuple(sorted((k, repr(v)) for k, v in shared_settings(job).items())))
     if key is None:
         key = (id(job.model), tuple(sorted(shared_settings(job).items())))
         if len(keys) < 64:  # distinct settings are few; a flood of odd ones is not kept
