@@ -3,7 +3,7 @@
 Claims: each request gets its solo answer whatever its neighbours and arrival time; a loose
 request that arrives after a tight one is in flight finishes first; cancellation and deadlines free
 the slot within one iteration; a request larger than the pool is admitted in parts; a caller that
-leaves while queued costs no compute; broyden falls back to request-level batching; a job that
+leaves while queued costs no compute (tests/test_engine.py, both modes); broyden falls back to request-level batching; a job that
 fails does not stop the scheduler. Synchronisation is on the scheduler's own per-step callback.
 """
 
@@ -166,34 +166,6 @@ def test_a_request_larger_than_the_pool_is_admitted_in_parts():
     outcome, steps = asyncio.run(main())
     assert_solo(model, job, outcome)
     assert max(steps.rows) == 3
-
-
-def test_a_caller_that_leaves_while_queued_costs_nothing(tmp_path):
-    slow = load_checkpoint(slow_model_dir(tmp_path) / "slow.safetensors").eval()
-    x = torch.randn(1, 8)
-    solved = []
-
-    async def main():
-        steps = Steps()
-        scheduler = ContinuousScheduler(slots=1, on_batch=steps)
-        first = SolveJob(slow, x, {"max_iter": 1000})
-        first_call = asyncio.ensure_future(scheduler.submit(first))
-        await steps.wait_for(1)
-        gone = SolveJob(slow, x, {"max_iter": 1000}, on_solved=solved.append)
-        gone_call = asyncio.ensure_future(scheduler.submit(gone))
-        await asyncio.sleep(0)  # one loop pass: the task runs up to its await, so it is queued
-        assert scheduler.pending() == 2
-        gone_call.cancel()
-        first.cancelled.set()
-        await first_call
-        after = SolveJob(digits_model().float(), torch.full((1, 64), 8.0), {})
-        await scheduler.submit(after)  # FIFO: `gone` was dropped before `after` got a slot
-        await scheduler.close()
-
-    asyncio.run(main())
-    assert len(solved) == 1
-    assert solved[0].result.iterations.tolist() == [0]
-    assert solved[0].result.status.tolist() == [int(Status.CANCELLED)]
 
 
 def test_broyden_is_solved_by_the_request_level_fallback():
