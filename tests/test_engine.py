@@ -239,3 +239,30 @@ def test_zero_row_jobs_are_refused_alone():
     empty, good = asyncio.run(main())
     assert isinstance(empty, ValueError)
     assert good.result.status.tolist() == [int(Status.CONVERGED)]
+
+
+@pytest.mark.parametrize("kind", ["request", "continuous"])
+@pytest.mark.parametrize("length", [0, 2, 3])
+def test_a_per_sample_tolerance_of_the_wrong_length_fails_alone(kind, length):
+    """One tol per sample or none: a longer or shorter tensor is refused before it joins a batch,
+    and the neighbour submitted with it gets its solo answer."""
+    model = load_checkpoint(bundled_checkpoints()["digits"]).double().eval()
+
+    async def main():
+        scheduler = make(kind, Steps())
+        good = SolveJob(model, torch.full((1, 64), 8.0, dtype=torch.float64), {"tol": 1e-6})
+        bad = SolveJob(
+            model,
+            torch.full((1, 64), 8.0, dtype=torch.float64),
+            {"tol": torch.full((length,), 1e-3, dtype=torch.float64)},
+        )
+        results = await asyncio.wait_for(
+            asyncio.gather(scheduler.submit(good), scheduler.submit(bad), return_exceptions=True),
+            60,
+        )
+        await scheduler.close()
+        return good, results
+
+    good, (outcome, refused) = asyncio.run(main())
+    assert isinstance(refused, ValueError)
+    assert_solo(model, good, outcome)

@@ -145,10 +145,8 @@ class BatchLane:
         if self._on_batch is not None:
             self._on_batch(self.name, x.shape[0])
         solver: dict[str, Any] = dict(self._shared)
-        tol = np.concatenate([t.tol for t in tickets]) if len(tickets) > 1 else tickets[0].tol
-        cap = [t.max_iter for t in tickets]
-        solver["tol"] = torch.from_numpy(tol).to(device)
-        solver["max_iter"] = torch.from_numpy(np.concatenate(cap) if len(cap) > 1 else cap[0]).to(
+        solver["tol"] = torch.from_numpy(np.concatenate([t.tol for t in tickets])).to(device)
+        solver["max_iter"] = torch.from_numpy(np.concatenate([t.max_iter for t in tickets])).to(
             device
         )
         if all(job.z0 is None for job in jobs):

@@ -11,6 +11,7 @@ caller that gives up stops costing compute within one iteration. Lanes solve wit
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import threading
@@ -214,25 +215,15 @@ def batch_key(job: SolveJob) -> tuple[Any, ...]:
     return key
 
 
-_NUMPY_DTYPES: dict[torch.dtype, np.dtype[Any]] = {}
-
-
+@functools.cache
 def numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
     """numpy's twin of a torch dtype (cached: asking torch costs a tensor per call)."""
-    kind = _NUMPY_DTYPES.get(dtype)
-    if kind is None:
-        kind = _NUMPY_DTYPES[dtype] = torch.empty((), dtype=dtype).numpy().dtype
-    return kind
+    return torch.empty((), dtype=dtype).numpy().dtype
 
 
-_FLOAT_MAX: dict[np.dtype[Any], float] = {}
-
-
+@functools.cache
 def _float_max(kind: np.dtype[Any]) -> float:
-    top = _FLOAT_MAX.get(kind)
-    if top is None:
-        top = _FLOAT_MAX[kind] = float(np.finfo(kind).max)
-    return top
+    return float(np.finfo(kind).max)
 
 
 def host_cat(tensors: list[Tensor]) -> Tensor:
@@ -256,7 +247,7 @@ def per_sample(job: SolveJob, key: str, default: Any, dtype: torch.dtype) -> np.
     if isinstance(value, Tensor):
         out = value.detach().cpu().double().numpy()
         if dtype.is_floating_point:
-            out = np.minimum(out, np.finfo(kind).max)
+            out = np.minimum(out, _float_max(kind))
         return out.astype(kind)
     if dtype.is_floating_point:
         value = min(value, _float_max(kind))  # NaN stays NaN (min keeps the first)
@@ -271,16 +262,18 @@ def ticket_settings(
     float32) or a cap is below 1: checked once per value when it is one scalar (the usual case).
     `dtype` is the model's (passed in: asking the model walks its modules)."""
     check_shapes(job, model)
-    defaults = model.solver_defaults
+    defaults, rows = model.solver_defaults, job.x.shape[0]
     tol = per_sample(job, "tol", defaults["tol"], dtype)
     max_iter = per_sample(job, "max_iter", defaults["max_iter"], torch.int64)
-    if isinstance(job.solver.get("tol"), Tensor) or tol.size == 0:
+    if tol.shape != (rows,) or max_iter.shape != (rows,):
+        raise ValueError(f"per-sample tol and max_iter must have shape ({rows},)")
+    if isinstance(job.solver.get("tol"), Tensor):
         good = bool(np.isfinite(tol).all() and (tol > 0).all())
     else:  # one value for all: one check in Python
         good = 0.0 < float(tol[0]) < math.inf
     if not good:
         raise ValueError("every sample needs a finite tol > 0 in the serving dtype")
-    if isinstance(job.solver.get("max_iter"), Tensor) or max_iter.size == 0:
+    if isinstance(job.solver.get("max_iter"), Tensor):
         good = bool((max_iter >= 1).all())
     else:
         good = int(max_iter[0]) >= 1
