@@ -31,6 +31,7 @@ import socket
 import sys
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -74,21 +75,21 @@ class ChildMetrics:
     def __init__(self, ports: list[int]) -> None:
         self.ports = ports
 
+    def _scrape(self, index: int) -> list[Metric]:
+        try:
+            url = f"http://127.0.0.1:{self.ports[index]}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                return list(text_string_to_metric_families(reply.read().decode()))
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            log.warning("process %d: metrics not scraped: %s", index, exc)
+            return []
+
     def collect(self) -> Iterator[Metric]:
         merged: dict[str, Metric] = {}
-        for index, port in enumerate(self.ports):
-            try:
-                url = f"http://127.0.0.1:{port}/metrics"
-                with urllib.request.urlopen(url, timeout=5) as reply:
-                    text = reply.read().decode()
-            except (OSError, http.client.HTTPException) as exc:
-                log.warning("process %d: metrics not scraped: %s", index, exc)
-                continue
-            try:
-                families = list(text_string_to_metric_families(text))
-            except ValueError as exc:
-                log.warning("process %d: metrics not parsed: %s", index, exc)
-                continue
+        # all at once: one stuck child costs one timeout, not one per child after it
+        with ThreadPoolExecutor(max_workers=len(self.ports)) as pool:
+            scraped = list(pool.map(self._scrape, range(len(self.ports))))
+        for index, families in enumerate(scraped):
             for family in families:
                 into = merged.get(family.name)
                 if into is None:
@@ -233,11 +234,8 @@ def _supervised(
         process.start()
         theirs.close()
         children.append((process, mine))
-    try:
+    try:  # a StartupError leaves the stopping to _run's `finally`
         metrics_ports = _wait_ready(children, stop)
-    except StartupError:
-        _stop(children, config.grace_seconds)
-        raise
     finally:
         holder.close()
     if metrics_ports is None:  # a signal while they started
@@ -252,7 +250,6 @@ def _supervised(
         try:
             metrics_http, _ = start_http_server(wanted, host, registry=registry)
         except OSError as error:
-            _stop(children, config.grace_seconds)
             raise StartupError(
                 f"metrics address {config.metrics_address} is not available: {error.strerror}"
             ) from None
