@@ -22,6 +22,11 @@ if ! "$kserve_python" -c 'import importlib.metadata as m; assert m.version("kser
 fi
 
 # buf (the proto linter) ships in the npm package @bufbuild/buf; kept out of the tree in .tools/.
+# npm comes with the machine's Node.js; Debian's packages where it does not.
+if ! command -v npm > /dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm > /dev/null
+fi
 npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0 > /dev/null
 .tools/node_modules/.bin/buf lint
 ./scripts/gen_protos.sh --check
