@@ -39,3 +39,18 @@ def test_the_frozen_copy_answers_like_the_model_and_leaves_it_trainable():
     y, _ = model(x)  # the original still has its parametrization and trains
     y.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("norm", ["weight", "spectral", "none"])
+def test_a_copy_frozen_in_inference_mode_is_made_of_ordinary_tensors(norm):
+    # The serving engine runs in inference mode; inference tensors have no version counter, and
+    # the spectral cap's weight cache keys on it.
+    torch.manual_seed(2)
+    config = {"cell": "mlp", "in_features": 5, "hidden": 8, "out_features": 3, "norm": norm}
+    model = DEQModel.from_config(config).double()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    with torch.inference_mode():
+        frozen = model.frozen()
+    assert not any(t.is_inference() for t in [*frozen.parameters(), *frozen.buffers()])
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x, tol=1e-12)[0], model(x, tol=1e-12)[0])

@@ -116,8 +116,11 @@ class DEQModel(nn.Module):
 
     def frozen(self) -> DEQModel:
         """An inference-only copy (eval, no grad) with every weight parametrization baked into a
-        plain weight: nothing recomputed per call, and torch's global parametrization cache unused."""
-        with _PARAMETRIZE_CACHE:  # baked values must not come from another call's cache
+        plain weight: nothing recomputed per call, and torch's global parametrization cache unused.
+        Made of ordinary tensors even in inference mode (the serving engine's thread): inference
+        tensors carry no version counter, which the spectral cap's cache keys on."""
+        # baked values must not come from another call's cache
+        with _PARAMETRIZE_CACHE, torch.inference_mode(False):
             return self._frozen_copy()
 
     def _frozen_copy(self) -> DEQModel:
