@@ -56,17 +56,15 @@ class _AndersonState:
     residual g; X is the matching ring of mixing columns dX + beta dG.
 
     The ring position `slot` (a 0-d tensor, so that no step depends on a Python number and a
-    compiled step never re-traces) is shared by all rows; `own` counts each row's written
-    columns (at most m). A column a row never wrote is zero (a row joins with zeroed state), as
-    is one written without a usable difference (no previous iterate yet): a zero column gets
-    gamma = 0, exactly as if absent (its diagonal is the ridge, or 1 when reg = 0; see `step`).
+    compiled step never re-traces) is shared by all rows. A dG column a row never wrote is zero
+    (a row joins with zeroed state), as is one written without a usable difference (no previous
+    iterate yet): a zero column gets gamma = 0, exactly as if absent (see `step`).
     """
 
     E: Tensor
     X: Tensor
     z_prev: Tensor
     has_prev: Tensor  # (A, 1): 1.0 where z_prev and E[:, m] hold this row's previous step
-    own: Tensor  # (A, 1): min(steps taken, m), in the state's dtype
     slot: Tensor  # () int64: the ring column the next step writes, shared by all rows
 
     def select(self, keep: Tensor) -> _AndersonState:
@@ -75,7 +73,6 @@ class _AndersonState:
             X=self.X.index_select(0, keep),
             z_prev=self.z_prev.index_select(0, keep),
             has_prev=self.has_prev.index_select(0, keep),
-            own=self.own.index_select(0, keep),
             slot=self.slot,
         )
 
@@ -84,10 +81,10 @@ class _AndersonState:
 class Anderson:
     """Type-II Anderson acceleration with window m and residual-scaled regularisation.
 
-    Solves min_gamma ||g - dG gamma||^2 + lam ||gamma||^2 per row with lam = reg * mean(diag(dG^T dG)):
+    Solves min_gamma ||g - dG gamma||^2 + lam ||gamma||^2 per row with lam = reg * trace(dG^T dG):
     the ridge scales with the residual, so it neither dominates at tight tolerances nor vanishes at
     loose ones (a fixed ridge such as 1e-4 makes Anderson slower than plain iteration near
-    convergence). A row whose mixing system is singular or non-finite takes a plain step.
+    convergence). A row whose mixing system has no finite solution takes a plain step.
     """
 
     m: int = 6
@@ -110,42 +107,38 @@ class Anderson:
             X=z.new_zeros(rows, self.m, n),
             z_prev=torch.zeros_like(z),
             has_prev=z.new_zeros(rows, 1),
-            own=z.new_zeros(rows, 1),
             slot=torch.zeros((), dtype=torch.int64, device=z.device),
         )
 
     def step(self, state: _AndersonState, z: Tensor, g: Tensor) -> Tensor:
         # Rows are independent: a row whose residual went non-finite (it retires) gets a
         # non-finite system, a plain step, and no say in its neighbours' steps.
-        # On a row's first step its column is zero and every gamma 0: a plain step.
         # Few tensor operations on purpose: on small batches each costs more than its arithmetic.
-        m, at, h, E = self.m, state.slot.view(1), state.has_prev, state.E
+        m, at, E, X = self.m, state.slot.view(1), state.E, state.X
         g_prev = E.select(1, m)  # the previous step's residual
-        dg = torch.sub(g, g_prev)
-        mix = torch.sub(z, state.z_prev).add_(dg, alpha=self.beta).mul_(h)
-        E.index_copy_(1, at, dg.mul_(h).unsqueeze(1))
-        state.X.index_copy_(1, at, mix.unsqueeze(1))
+        dg = torch.sub(g, g_prev).mul_(state.has_prev)  # zero on a row's first step
+        mix = torch.sub(z, state.z_prev).add_(dg, alpha=self.beta)
+        E.index_copy_(1, at, dg.unsqueeze(1))
+        X.index_copy_(1, at, mix.unsqueeze(1))
         g_prev.copy_(g)
         state.z_prev.copy_(z)
-        h.fill_(1.0)
-        own = state.own.add_(1).clamp_max_(m)
+        state.has_prev.fill_(1.0)
         state.slot.add_(1).remainder_(m)
 
         products = torch.bmm(E, E.transpose(1, 2))  # [dG, g]^T [dG, g]: Gram and rhs at once
         gram, rhs = products[:, :m, :m], products[:, :m, m:]
+        # The ridge, plus the smallest normal number: a zero dG column (never written, or no
+        # difference yet) has no coupling and zero rhs, so its gamma is exactly 0 (its X column,
+        # finite, then adds nothing), and a row with no columns yet takes a plain step; the
+        # system is never singular because of them, with or without a ridge.
         diag = gram.diagonal(dim1=1, dim2=2)
-        # The ridge: reg times the mean over the row's own columns. A zero column (never
-        # written, or no difference yet) then has no coupling, zero rhs and gamma 0, or, while
-        # the row's columns are all zero, the system is singular and the step plain; with no
-        # ridge (reg = 0) zero columns get a unit diagonal instead.
-        diag.add_(diag.sum(dim=1, keepdim=True).div_(own).mul_(self.reg))
-        if self.reg == 0:
-            diag.add_((diag == 0).to(diag.dtype))
-        gamma, info = torch.linalg.solve_ex(gram, rhs, check_errors=False)
-        good = (gamma.abs().amax(dim=(1, 2)) < math.inf) & (info == 0)  # amax keeps NaN
-        gamma = torch.where(good.view(-1, 1, 1), gamma, 0.0)
+        diag.add_(diag.sum(dim=1, keepdim=True), alpha=self.reg).add_(torch.finfo(z.dtype).tiny)
+        gamma = torch.linalg.solve_ex(gram, rhs, check_errors=False)[0]
+        # A singular or overflowing system has a non-finite solution (LU divides by a zero
+        # pivot): that row takes a plain step. The sum is not finite where an entry is not (or
+        # where the entries overflow it, no better).
+        gamma = torch.where(gamma.sum(dim=(1, 2), keepdim=True).isfinite(), gamma, 0.0)
         plain = torch.add(z, g, alpha=self.beta)
-        X = state.X
         if z.shape[1] < 128 and z.device.type == "cpu":
             # z + beta g - sum_j gamma_j X_j as a broadcast product and a sum: for narrow
             # states on CPU about 3x faster than baddbmm's batched (1 x k) @ (k x n) products

@@ -10,7 +10,6 @@ arithmetic of a sample is therefore the same in both, by construction.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -89,16 +88,16 @@ def observe(rows: Rows, z: Tensor, fz: Tensor, stop_mode: str, divergence: float
     rows.evals += 1
     g = fz - z
     abs_res, res = residual_norms(fz, g, stop_mode)
-    rows.first.copy_(torch.where(rows.evals == 1, abs_res, rows.first))
+    # `out=` a row field: the selection is written in place, no separate copy
+    torch.where(rows.evals == 1, abs_res, rows.first, out=rows.first)
     better = res < rows.best  # False for NaN
-    rows.best.copy_(torch.where(better, res, rows.best))
-    rows.best_z.copy_(torch.where(better.unsqueeze(1), z, rows.best_z))
-    # NaN fails every comparison, so a NaN row stops; an infinite residual passes
-    # `inf <= divergence * inf` (a first residual of inf), hence `< inf` (a norm is >= 0).
-    running = res > rows.tol
+    torch.where(better, res, rows.best, out=rows.best)
+    torch.where(better.unsqueeze(1), z, rows.best_z, out=rows.best_z)
+    running = res > rows.tol  # NaN fails every comparison, so a NaN row stops
     running &= rows.evals < rows.cap
-    running &= abs_res <= rows.first * divergence
-    running &= abs_res < math.inf
+    # Divergence and finiteness at once: an infinite residual fails `<= finite max` even where
+    # divergence * first is inf (a first residual of inf); a norm is >= 0.
+    running &= abs_res <= (rows.first * divergence).clamp_(max=torch.finfo(abs_res.dtype).max)
     return Observation(g, abs_res, res, running)
 
 
