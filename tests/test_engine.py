@@ -148,7 +148,7 @@ def test_a_caller_that_leaves_before_its_solve_is_reported_cancelled(tmp_path, k
         first = SolveJob(model, x, {"max_iter": 1000})
         first_call = asyncio.ensure_future(scheduler.submit(first))
         await steps.wait_for(1)
-        gone = SolveJob(model, x, {"max_iter": 1000}, on_solved=solved.append)
+        gone = SolveJob(model, x, {"max_iter": 1000}, on_solved=solved.extend)
         gone_call = asyncio.ensure_future(scheduler.submit(gone))
         await asyncio.sleep(0)  # one loop pass: the task runs up to its await, so it is queued
         assert scheduler.pending() == 2

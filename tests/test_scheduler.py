@@ -89,6 +89,29 @@ def test_both_schedulers_share_one_batch_rule_and_survive_a_failing_callback(kin
         assert set(outcome.result.status.tolist()) == {int(Status.CONVERGED)}
 
 
+@pytest.mark.parametrize("kind", ["request", "continuous"])
+def test_requests_that_finish_in_one_turn_are_recorded_in_one_call_per_recorder(kind):
+    """Metrics cost per call, so the engine hands a recorder all of a turn's outcomes at once;
+    jobs with another recorder get their own call."""
+    model = digits_model()
+    x = torch.full((1, 64), 8.0, dtype=torch.float64)
+    shared, other = [], []
+
+    async def main():
+        scheduler = RequestScheduler(workers=1) if kind == "request" else ContinuousScheduler(8)
+        # tol 1e3: every sample converges at its first evaluation, so all finish in one turn
+        jobs = [SolveJob(model, x, {"tol": 1e3}, on_solved=shared.append) for _ in range(4)]
+        jobs.append(SolveJob(model, x, {"tol": 1e3}, on_solved=other.append))
+        outcomes = await asyncio.gather(*(scheduler.submit(job) for job in jobs))
+        await scheduler.close()
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    assert [len(call) for call in shared] == [4]
+    assert [len(call) for call in other] == [1]
+    assert {id(o) for o in shared[0]} == {id(o) for o in outcomes[:4]}
+
+
 def test_auto_picks_request_batching_on_a_cpu_and_continuous_on_a_gpu():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert scheduler_for(ServerConfig(), cpu) == "request"

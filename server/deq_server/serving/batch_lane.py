@@ -30,7 +30,6 @@ from .scheduler import (
     frozen,
     host_cat,
     limit_of,
-    report,
     shared_settings,
     stop_hook,
     ticket_settings,
@@ -115,7 +114,6 @@ class BatchLane:
             if ticket.future.done():
                 self.waiting.popleft()
                 ticket.outcome = unstarted(ticket.job, self.model)
-                report(ticket.job, ticket.outcome)
                 dropped.append(ticket)
                 continue
             if batch and rows + ticket.rows > self._max_batch:
@@ -191,7 +189,6 @@ class BatchLane:
             )
             queued = batch.start - ticket.job.submitted
             ticket.outcome = SolveOutcome(y[part], piece, queued, solve_seconds, rows)
-            report(ticket.job, ticket.outcome)
         return batch.tickets
 
     def fail(self, exc: BaseException) -> list[Ticket]:

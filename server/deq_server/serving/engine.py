@@ -28,7 +28,15 @@ import torch
 from deq_server.core import METHODS
 
 from .batch_lane import BatchLane
-from .scheduler import Lane, SolveJob, SolveOutcome, Ticket, batch_key, shared_settings
+from .scheduler import (
+    Lane,
+    SolveJob,
+    SolveOutcome,
+    Ticket,
+    batch_key,
+    report,
+    shared_settings,
+)
 from .slot_lane import SlotLane
 
 log = logging.getLogger("deq_server.engine")
@@ -198,15 +206,16 @@ class Engine:
             for job, future in items:
                 if (failed := self._route(job, future)) is not None:
                     done.append(failed)
+            finished: list[Ticket] = []
             for key, lane in list(self._lanes.items()):
-                finished: list[Ticket]
                 try:
-                    finished = lane.turn()
+                    finished += lane.turn()
                 except Exception as exc:  # a bug or a bad model: fail its requests, keep serving
                     log.exception("a solver lane failed; its requests get the error")
-                    finished = lane.fail(exc)
+                    finished += lane.fail(exc)
                     del self._lanes[key]
-                done += [(t.future, t.outcome, t.error) for t in finished]
+            report(finished)  # the turn's metrics in bulk, before the callers see their answers
+            done += [(t.future, t.outcome, t.error) for t in finished]
             self._send(done)
 
     @staticmethod

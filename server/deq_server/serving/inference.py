@@ -55,6 +55,23 @@ class Answer:
     total_seconds: float
 
 
+@dataclass(frozen=True)
+class _Recorder:
+    """A job's `on_solved`: the forward-solve metrics of one model and method. Equal recorders
+    share a call, so the engine records all of a turn's requests of a model at once."""
+
+    metrics: Metrics
+    model: str
+    method: str
+
+    def __call__(self, outcomes: list[SolveOutcome]) -> None:  # on the engine thread
+        results = [outcome.result for outcome in outcomes]
+        self.metrics.record_solves(self.model, self.method, "forward", results)
+        queued = self.metrics.queue_seconds.labels(self.model)
+        for outcome in outcomes:
+            queued.observe(outcome.queue_seconds)
+
+
 def deadline_margin(time_remaining: float) -> float:
     """How long before the caller's deadline to stop, so that a partial answer still reaches it:
     a tenth of the time left, at least 5 ms and at most 50 ms (head, encoding, a busy loop)."""
@@ -121,11 +138,6 @@ class Inference:
         if call.solver.budget_ms is not None:
             budget = received + call.solver.budget_ms / 1e3
         method = solver.get("method", model.solver_defaults["method"])
-
-        def record(outcome: SolveOutcome) -> None:  # on the solver thread
-            self.metrics.record_solve(name, method, "forward", outcome.result)
-            self.metrics.queue_seconds.labels(name).observe(outcome.queue_seconds)
-
         job = SolveJob(
             model=model,
             x=torch.from_numpy(x),  # views of owned arrays: no copy
@@ -135,7 +147,7 @@ class Inference:
             budget_deadline=budget,
             submitted=received,
             model_name=name,
-            on_solved=record,
+            on_solved=_Recorder(self.metrics, name, method),
         )
         gauge = self.metrics.pending.labels(name)
         gauge.inc()

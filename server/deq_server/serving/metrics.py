@@ -8,7 +8,7 @@ go-grpc-prometheus series for every RPC kind, streams included.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -164,12 +164,21 @@ class Metrics:
 
     def record_solve(self, model: str, method: str, phase: str, result: SolveResult) -> None:
         """Per-sample facts of one solve (forward or backward), in bulk."""
-        iterations = result.iterations.cpu().numpy()
+        self.record_solves(model, method, phase, [result])
+
+    def record_solves(
+        self, model: str, method: str, phase: str, results: Sequence[SolveResult]
+    ) -> None:
+        """Per-sample facts of several solves of one model and method: one update per series,
+        however many requests (the engine records a turn's finished requests at once)."""
+        iterations = np.concatenate([r.iterations.cpu().numpy() for r in results])
         # 0: never evaluated (its caller left while it was queued)
         self.iterations.observe_many((model, method, phase), iterations[iterations > 0])
-        self.residual.observe_many((model, phase), result.residual.cpu().double().numpy())
+        residual = np.concatenate([r.residual.cpu().double().numpy() for r in results])
+        self.residual.observe_many((model, phase), residual)
         if phase == "forward":
-            counts = np.bincount(result.status.cpu().numpy(), minlength=len(Status) + 1)
+            status = np.concatenate([r.status.cpu().numpy() for r in results])
+            counts = np.bincount(status, minlength=len(Status) + 1)
             for status in Status:
                 if counts[int(status)]:
                     self.samples.labels(model, status.name).inc(int(counts[int(status)]))

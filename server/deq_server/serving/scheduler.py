@@ -17,7 +17,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -48,9 +48,8 @@ class SolveJob:
     submitted: float = field(default_factory=time.monotonic)
     # The served name, for metrics labels.
     model_name: str = ""
-    # Called on the solver thread with the job's outcome, even when its caller has gone:
-    # per-sample facts are recorded where they are born.
-    on_solved: Callable[[SolveOutcome], None] | None = None
+    # Per-sample facts are recorded where they are born, in bulk: see `SolveRecorder`.
+    on_solved: SolveRecorder | None = None
 
 
 @dataclass
@@ -62,6 +61,12 @@ class SolveOutcome:
     queue_seconds: float
     solve_seconds: float
     batch_rows: int
+
+
+# A job's `on_solved`: called on the engine thread once per engine turn with the outcomes of the
+# jobs naming it (equal recorders share the call) that finished in that turn, those whose caller
+# has gone included. One call per turn, not per request: recording costs per call.
+SolveRecorder = Callable[[list[SolveOutcome]], None]
 
 
 class Scheduler(Protocol):
@@ -282,11 +287,16 @@ def ticket_settings(
     return tol, max_iter
 
 
-def report(job: SolveJob, outcome: SolveOutcome) -> None:
-    """Run the job's `on_solved`: a failing metrics callback must not cost the caller (or the
-    batch's other callers) their answers."""
-    if job.on_solved is not None:
+def report(tickets: Iterable[Ticket]) -> None:
+    """Give each recorder the outcomes of its jobs among `tickets` in one call (tickets without
+    an outcome, failed ones, are skipped): a failing callback must not cost the callers their
+    answers."""
+    groups: dict[SolveRecorder, list[SolveOutcome]] = {}
+    for ticket in tickets:
+        if ticket.outcome is not None and ticket.job.on_solved is not None:
+            groups.setdefault(ticket.job.on_solved, []).append(ticket.outcome)
+    for recorder, outcomes in groups.items():
         try:
-            job.on_solved(outcome)
+            recorder(outcomes)
         except Exception:
             log.exception("on_solved callback failed")

@@ -32,7 +32,6 @@ from .scheduler import (
     host_cat,
     limit_of,
     numpy_dtype,
-    report,
     shared_settings,
     ticket_settings,
     unstarted,
@@ -127,7 +126,6 @@ class SlotLane:
             if ticket.admitted == 0 and ticket.future.done():  # the caller left while queued
                 self.waiting.popleft()
                 ticket.outcome = unstarted(ticket.job, self.model)
-                report(ticket.job, ticket.outcome)
                 dropped.append(ticket)
                 continue
             k = min(free, ticket.rows - ticket.admitted)
@@ -224,7 +222,6 @@ class SlotLane:
         ticket.outcome = SolveOutcome(
             y, result, started - ticket.job.submitted, now - started, busy
         )
-        report(ticket.job, ticket.outcome)
         return ticket
 
     def fail(self, exc: BaseException) -> list[Ticket]:
