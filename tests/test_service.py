@@ -287,6 +287,28 @@ def scrape(server) -> dict[str, float]:
     }
 
 
+def test_grpc_series_count_every_rpc_by_its_own_code(server, stub, digits):
+    """The interceptor wraps each method once and reuses the wrapper: every later RPC still
+    counts once, under the code it ended with."""
+    x, _ = digits
+    labels = 'grpc_method="Infer",grpc_service="deq.v1.DEQService",grpc_type="unary"'
+    names = {
+        "started": f"grpc_server_started_total{{{labels}}}",
+        "ok": f'grpc_server_handled_total{{grpc_code="OK",{labels}}}',
+        "missing": f'grpc_server_handled_total{{grpc_code="NOT_FOUND",{labels}}}',
+        "timed": f"grpc_server_handling_seconds_count{{{labels}}}",
+    }
+    before = scrape(server)
+    for _ in range(3):
+        stub.Infer(pb.InferRequest(model="digits", input=wire(x[:1])))
+    for _ in range(2):
+        with pytest.raises(grpc.RpcError):
+            stub.Infer(pb.InferRequest(model="nope"))
+    after = scrape(server)
+    delta = {k: after.get(n, 0.0) - before.get(n, 0.0) for k, n in names.items()}
+    assert delta == {"started": 5, "ok": 3, "missing": 2, "timed": 5}
+
+
 def test_a_client_that_cancels_stops_the_solver(tmp_path):
     with (
         running_server(model_dir=slow_model_dir(tmp_path)) as server,

@@ -204,6 +204,8 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             buckets=SECONDS,
             registry=registry,
         )
+        # per method: the handler the service gave and its wrapped twin (made once, not per RPC)
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -213,7 +215,16 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        service, _, method = details.method.lstrip("/").rpartition("/")
+        known = self._wrapped.get(details.method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(details.method, handler)
+        if len(self._wrapped) < 1024:  # methods are few; never grow without bound
+            self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, full_method: str, handler: Any) -> Any:
+        service, _, method = full_method.lstrip("/").rpartition("/")
         if handler.request_streaming and handler.response_streaming:
             kind, behaviour, factory = (
                 "bidi_stream",
@@ -250,13 +261,26 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    def _finish(self, labels: tuple[str, str, str], start: float, code: str) -> None:
-        self.handled.labels(*labels, code).inc()
-        self.seconds.labels(*labels).observe(time.perf_counter() - start)
+    def _series(self, labels: tuple[str, str, str]) -> tuple[Any, Callable[[float, str], None]]:
+        """One method's `started` counter and the call that records an RPC's end: the labelled
+        children looked up once per method (and code), not per RPC."""
+        started, seconds = self.started.labels(*labels), self.seconds.labels(*labels)
+        handled: dict[str, Any] = {}
+
+        def finish(start: float, code: str) -> None:
+            counter = handled.get(code)
+            if counter is None:
+                counter = handled[code] = self.handled.labels(*labels, code)
+            counter.inc()
+            seconds.observe(time.perf_counter() - start)
+
+        return started, finish
 
     def _wrap_unary(self, behaviour: Any, labels: tuple[str, str, str]) -> Any:
+        started, finish = self._series(labels)
+
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            self.started.labels(*labels).inc()
+            started.inc()
             start, failed = time.perf_counter(), None
             try:
                 return await behaviour(request, context)
@@ -264,13 +288,15 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 failed = exc
                 raise
             finally:
-                self._finish(labels, start, _code(context, failed))
+                finish(start, _code(context, failed))
 
         return unary
 
     def _wrap_stream(self, behaviour: Any, labels: tuple[str, str, str]) -> Any:
+        started, finish = self._series(labels)
+
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            self.started.labels(*labels).inc()
+            started.inc()
             start, failed = time.perf_counter(), None
             try:
                 result = behaviour(request, context)
@@ -283,7 +309,7 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 failed = exc
                 raise
             finally:
-                self._finish(labels, start, _code(context, failed))
+                finish(start, _code(context, failed))
 
         return stream
 
