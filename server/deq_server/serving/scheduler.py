@@ -30,6 +30,24 @@ from deq_server.core import DEQModel, Progress, SolveResult, Status
 log = logging.getLogger("deq_server.scheduler")
 
 
+class CancelFlag:
+    """A one-way flag the event loop sets and the engine thread reads once per iteration:
+    `threading.Event`'s `set` and `is_set` without its condition and lock, which cost more than
+    the rest of a job's construction. Setting an attribute is atomic, and a reader that sees it
+    one iteration late stops one iteration later."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 @dataclass
 class SolveJob:
     """One request's solve: the model, its input, solver options and when to give up.
@@ -44,7 +62,7 @@ class SolveJob:
     z0: Tensor | None = None
     deadline: float | None = None
     budget_deadline: float | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: CancelFlag = field(default_factory=CancelFlag)
     submitted: float = field(default_factory=time.monotonic)
     # The served name, for metrics labels.
     model_name: str = ""
