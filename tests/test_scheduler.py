@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -110,6 +111,33 @@ def test_requests_that_finish_in_one_turn_are_recorded_in_one_call_per_recorder(
     assert [len(call) for call in shared] == [4]
     assert [len(call) for call in other] == [1]
     assert {id(o) for o in shared[0]} == {id(o) for o in outcomes[:4]}
+
+
+def test_an_unhashable_recorder_is_called_on_its_own_and_the_engine_keeps_serving():
+    model = digits_model()
+    x = torch.full((1, 64), 8.0, dtype=torch.float64)
+
+    @dataclass  # eq without frozen: unhashable
+    class Tally:
+        calls: list
+
+        def __call__(self, outcomes):
+            self.calls.append(len(outcomes))
+
+    tally = Tally([])
+
+    async def main():
+        scheduler = RequestScheduler(workers=1)
+        jobs = [SolveJob(model, x, {"tol": 1e3}, on_solved=tally) for _ in range(3)]
+        # bounded: an engine thread killed by the recorder would leave these unanswered
+        first = await asyncio.wait_for(asyncio.gather(*(scheduler.submit(j) for j in jobs)), 60)
+        after = await asyncio.wait_for(scheduler.submit(SolveJob(model, x, {"tol": 1e3})), 60)
+        await scheduler.close()
+        return [*first, after]
+
+    outcomes = asyncio.run(main())
+    assert tally.calls == [3]  # the same object: one group
+    assert all(o.result.status.tolist() == [int(Status.CONVERGED)] for o in outcomes)
 
 
 def test_auto_picks_request_batching_on_a_cpu_and_continuous_on_a_gpu():

@@ -309,12 +309,23 @@ def report(tickets: Iterable[Ticket]) -> None:
     """Give each recorder the outcomes of its jobs among `tickets` in one call (tickets without
     an outcome, failed ones, are skipped): a failing callback must not cost the callers their
     answers."""
-    groups: dict[SolveRecorder, list[SolveOutcome]] = {}
+    groups: dict[object, tuple[SolveRecorder, list[SolveOutcome]]] = {}
     for ticket in tickets:
-        if ticket.outcome is not None and ticket.job.on_solved is not None:
-            groups.setdefault(ticket.job.on_solved, []).append(ticket.outcome)
-    for recorder, outcomes in groups.items():
+        recorder = ticket.job.on_solved
+        if ticket.outcome is not None and recorder is not None:
+            groups.setdefault(_group_key(recorder), (recorder, []))[1].append(ticket.outcome)
+    for recorder, outcomes in groups.values():
         try:
             recorder(outcomes)
         except Exception:
             log.exception("on_solved callback failed")
+
+
+def _group_key(recorder: SolveRecorder) -> object:
+    """Equal recorders share a call; one that cannot be hashed (a plain dataclass, say) is its
+    own group, never an error on the engine thread."""
+    try:
+        hash(recorder)
+    except TypeError:
+        return ("unhashable", id(recorder))
+    return recorder
