@@ -177,8 +177,8 @@ class Metrics:
         residual = np.concatenate([r.residual.cpu().double().numpy() for r in results])
         self.residual.observe_many((model, phase), residual)
         if phase == "forward":
-            status = np.concatenate([r.status.cpu().numpy() for r in results])
-            counts = np.bincount(status, minlength=len(Status) + 1)
+            statuses = np.concatenate([r.status.cpu().numpy() for r in results])
+            counts = np.bincount(statuses, minlength=len(Status) + 1)
             for status in Status:
                 if counts[int(status)]:
                     self.samples.labels(model, status.name).inc(int(counts[int(status)]))
