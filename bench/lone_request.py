@@ -1,0 +1,159 @@
+"""A lone request's floor: the bare solve, the engine's round trip, and the torch calls behind them.
+
+One held-out `digits` sample at a time (tol 1e-4, anderson), one torch thread, in this process (no
+gRPC, no metrics):
+
+- bare: the frozen model's forward in `torch.inference_mode`, what the engine thread runs for a
+  lone request with nothing around it;
+- engine: `RequestScheduler.submit` awaited on an event loop: the hand-over to the engine thread,
+  the lane's batch setup and finish, and the way back; its outcome splits it into queue (submit to
+  batch start) and solve (batch start to finish) seconds;
+- aten calls: torch operations dispatched per lone solve, counted with a `TorchDispatchMode` (on
+  one-row tensors each costs more than its arithmetic, so their number sets the floor).
+
+The two timings alternate for `--rounds` rounds, since this VM's speed drifts.
+
+    python bench/lone_request.py [--requests 1000] [--rounds 3] [--out P]
+
+A script, not a test: it prints a markdown table and writes the raw numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from deq_server.core import DEQModel, load_checkpoint
+from deq_server.models import bundled_checkpoints
+from deq_server.serving.engine import RequestScheduler
+from deq_server.serving.scheduler import SolveJob
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "lone_request.json"
+TOL = 1e-4
+WARMUP = 100  # requests left out of each timing
+
+
+class _CountCalls(TorchDispatchMode):
+    """Counts the aten operations dispatched while active, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.calls[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _samples(n: int) -> list[torch.Tensor]:
+    """Held-out digits samples (the last quarter, as bench/serving.py), one row each."""
+    data = load_digits().data.astype(np.float32)
+    held_out = data[int(0.75 * len(data)) :]
+    return [torch.from_numpy(held_out[i % len(held_out)][None].copy()) for i in range(n)]
+
+
+def _bare(model: DEQModel, xs: list[torch.Tensor]) -> tuple[np.ndarray, float]:
+    """Seconds per lone forward, and the mean iterations."""
+    times, iterations = [], []
+    with torch.inference_mode():
+        for x in xs:
+            start = time.perf_counter()
+            _, result = model(x, tol=TOL)
+            times.append(time.perf_counter() - start)
+            iterations.append(int(result.iterations[0]))
+    return np.asarray(times[WARMUP:]), float(np.mean(iterations))
+
+
+async def _engine(model: DEQModel, xs: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    """Seconds per awaited submit, with the outcome's queue and solve seconds."""
+    scheduler = RequestScheduler()
+    total, queue, solve = [], [], []
+    try:
+        for x in xs:
+            start = time.perf_counter()
+            outcome = await scheduler.submit(SolveJob(model, x, {"tol": TOL}))
+            total.append(time.perf_counter() - start)
+            queue.append(outcome.queue_seconds)
+            solve.append(outcome.solve_seconds)
+    finally:
+        await scheduler.close()
+    return {
+        k: np.asarray(v[WARMUP:]) for k, v in (("total", total), ("queue", queue), ("solve", solve))
+    }
+
+
+def _count(model: DEQModel, x: torch.Tensor) -> tuple[int, dict[str, int]]:
+    counter = _CountCalls()
+    with torch.inference_mode(), counter:
+        model(x, tol=TOL)
+    return sum(counter.calls.values()), dict(counter.calls.most_common())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=1000, help="per timing and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    if args.requests <= WARMUP:
+        parser.error(f"--requests must be > {WARMUP} (the warm-up)")
+    torch.set_num_threads(1)
+    served = load_checkpoint(bundled_checkpoints()["digits"]).eval()
+    frozen = served.frozen()
+    xs = _samples(args.requests)
+    calls, by_op = _count(frozen, xs[0])
+
+    rows: list[dict[str, Any]] = []
+    print(
+        "| round | bare p50 ms | engine p50 ms | engine queue p50 ms | engine solve p50 ms | mean iterations |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in range(1, args.rounds + 1):
+        bare, iterations = _bare(frozen, xs)
+        engine = asyncio.run(_engine(served, xs))
+        row = {
+            "round": r,
+            "bare_p50_ms": float(np.median(bare)) * 1e3,
+            "engine_p50_ms": float(np.median(engine["total"])) * 1e3,
+            "engine_queue_p50_ms": float(np.median(engine["queue"])) * 1e3,
+            "engine_solve_p50_ms": float(np.median(engine["solve"])) * 1e3,
+            "mean_iterations": iterations,
+        }
+        rows.append(row)
+        print(
+            f"| {r} | {row['bare_p50_ms']:.3f} | {row['engine_p50_ms']:.3f} | "
+            f"{row['engine_queue_p50_ms']:.3f} | {row['engine_solve_p50_ms']:.3f} | {iterations:.2f} |"
+        )
+    print(f"\naten calls per lone solve of sample 0: {calls}")
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    out = {
+        "machine": machine,
+        "config": {"requests": args.requests, "rounds": args.rounds, "tol": TOL, "warmup": WARMUP},
+        "aten_calls": calls,
+        "aten_calls_by_op": by_op,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
