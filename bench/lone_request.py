@@ -1,10 +1,11 @@
 """A lone request's floor: the bare solve, the engine's round trip, and the torch calls behind them.
 
-One held-out `digits` sample at a time (tol 1e-4, anderson), one torch thread, in this process (no
-gRPC, no metrics):
+One held-out `digits` sample at a time (bench/serving.py's inputs; tol 1e-4, anderson), one torch
+thread, in this process (no gRPC, no metrics):
 
 - bare: the frozen model's forward in `torch.inference_mode`, what the engine thread runs for a
-  lone request with nothing around it;
+  lone request with nothing around it; with `--compile`, also the same forward with
+  `compile=True` (its compile falls in the warm-up);
 - engine: `RequestScheduler.submit` awaited on an event loop: the hand-over to the engine thread,
   the lane's batch setup and finish, and the way back; its outcome splits it into queue (submit to
   batch start) and solve (batch start to finish) seconds;
@@ -13,7 +14,7 @@ gRPC, no metrics):
 
 The two timings alternate for `--rounds` rounds, since this VM's speed drifts.
 
-    python bench/lone_request.py [--requests 1000] [--rounds 3] [--out P]
+    python bench/lone_request.py [--requests 1000] [--rounds 3] [--compile] [--out P]
 
 A script, not a test: it prints a markdown table and writes the raw numbers as JSON.
 """
@@ -23,15 +24,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import serving  # the sibling script: its inputs and machine facts
 import torch
-from sklearn.datasets import load_digits
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from deq_server.core import DEQModel, load_checkpoint
@@ -57,19 +57,18 @@ class _CountCalls(TorchDispatchMode):
 
 
 def _samples(n: int) -> list[torch.Tensor]:
-    """Held-out digits samples (the last quarter, as bench/serving.py), one row each."""
-    data = load_digits().data.astype(np.float32)
-    held_out = data[int(0.75 * len(data)) :]
-    return [torch.from_numpy(held_out[i % len(held_out)][None].copy()) for i in range(n)]
+    """bench/serving.py's request inputs, one sample each, cycled to n."""
+    x, _, _ = serving.digits(1)
+    return [torch.from_numpy(x[i % len(x)].copy()) for i in range(n)]
 
 
-def _bare(model: DEQModel, xs: list[torch.Tensor]) -> tuple[np.ndarray, float]:
+def _bare(model: DEQModel, xs: list[torch.Tensor], compile: bool) -> tuple[np.ndarray, float]:
     """Seconds per lone forward, and the mean iterations."""
     times, iterations = [], []
     with torch.inference_mode():
         for x in xs:
             start = time.perf_counter()
-            _, result = model(x, tol=TOL)
+            _, result = model(x, tol=TOL, compile=compile)
             times.append(time.perf_counter() - start)
             iterations.append(int(result.iterations[0]))
     return np.asarray(times[WARMUP:]), float(np.mean(iterations))
@@ -104,6 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000, help="per timing and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time the compiled forward")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     if args.requests <= WARMUP:
@@ -114,38 +114,32 @@ def main() -> None:
     xs = _samples(args.requests)
     calls, by_op = _count(frozen, xs[0])
 
+    columns = ["bare", *(["bare_compiled"] if args.compile else []), "engine", "queue", "solve"]
     rows: list[dict[str, Any]] = []
-    print(
-        "| round | bare p50 ms | engine p50 ms | engine queue p50 ms | engine solve p50 ms | mean iterations |"
-    )
-    print("|---|---|---|---|---|---|")
+    print("| round | " + " | ".join(f"{c} p50 ms" for c in columns) + " | mean iterations |")
+    print("|---" * (len(columns) + 2) + "|")
     for r in range(1, args.rounds + 1):
-        bare, iterations = _bare(frozen, xs)
+        bare, iterations = _bare(frozen, xs, compile=False)
+        times = {"bare": bare}
+        if args.compile:
+            times["bare_compiled"] = _bare(frozen, xs, compile=True)[0]
         engine = asyncio.run(_engine(served, xs))
-        row = {
-            "round": r,
-            "bare_p50_ms": float(np.median(bare)) * 1e3,
-            "engine_p50_ms": float(np.median(engine["total"])) * 1e3,
-            "engine_queue_p50_ms": float(np.median(engine["queue"])) * 1e3,
-            "engine_solve_p50_ms": float(np.median(engine["solve"])) * 1e3,
-            "mean_iterations": iterations,
-        }
+        times.update(engine=engine["total"], queue=engine["queue"], solve=engine["solve"])
+        row = {f"{c}_p50_ms": float(np.median(times[c])) * 1e3 for c in columns}
+        row.update(round=r, mean_iterations=iterations)
         rows.append(row)
-        print(
-            f"| {r} | {row['bare_p50_ms']:.3f} | {row['engine_p50_ms']:.3f} | "
-            f"{row['engine_queue_p50_ms']:.3f} | {row['engine_solve_p50_ms']:.3f} | {iterations:.2f} |"
-        )
+        cells = " | ".join(f"{row[f'{c}_p50_ms']:.3f}" for c in columns)
+        print(f"| {r} | {cells} | {iterations:.2f} |")
     print(f"\naten calls per lone solve of sample 0: {calls}")
-    machine = {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
     out = {
-        "machine": machine,
-        "config": {"requests": args.requests, "rounds": args.rounds, "tol": TOL, "warmup": WARMUP},
+        "machine": {**serving.machine_info(), "torch_threads": torch.get_num_threads()},
+        "config": {
+            "requests": args.requests,
+            "rounds": args.rounds,
+            "compile": args.compile,
+            "tol": TOL,
+            "warmup": WARMUP,
+        },
         "aten_calls": calls,
         "aten_calls_by_op": by_op,
         "rows": rows,
