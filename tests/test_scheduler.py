@@ -103,7 +103,7 @@ def test_requests_that_finish_in_one_turn_are_recorded_in_one_call_per_recorder(
         # tol 1e3: every sample converges at its first evaluation, so all finish in one turn
         jobs = [SolveJob(model, x, {"tol": 1e3}, on_solved=shared.append) for _ in range(4)]
         jobs.append(SolveJob(model, x, {"tol": 1e3}, on_solved=other.append))
-        outcomes = await asyncio.gather(*(scheduler.submit(job) for job in jobs))
+        outcomes = await asyncio.wait_for(asyncio.gather(*(scheduler.submit(j) for j in jobs)), 60)
         await scheduler.close()
         return outcomes
 
