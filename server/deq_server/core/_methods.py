@@ -137,7 +137,7 @@ class Anderson:
         # A singular or overflowing system has a non-finite solution (LU divides by a zero
         # pivot): that row takes a plain step. The sum is not finite where an entry is not (or
         # where the entries overflow it, no better).
-        gamma = torch.where(gamma.sum(dim=(1, 2), keepdim=True).isfinite(), gamma, 0.0)
+        gamma.masked_fill_(gamma.sum(dim=1, keepdim=True).isfinite().logical_not_(), 0.0)
         plain = torch.add(z, g, alpha=self.beta)
         if z.shape[1] < 128 and z.device.type == "cpu":
             # z + beta g - sum_j gamma_j X_j as a broadcast product and a sum: for narrow

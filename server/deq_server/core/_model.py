@@ -196,6 +196,6 @@ def nonfinite_outputs(y: Tensor, status: Tensor) -> Tensor:
     """`status` with CONVERGED turned into NONFINITE where the head's output is not finite (a
     converged state can still overflow in the head): no sample is labelled CONVERGED with
     NaN or Inf in its answer."""
-    finite = torch.isfinite(y.reshape(y.shape[0], -1)).all(dim=1)
-    bad = ~finite & (status == int(Status.CONVERGED))
-    return torch.where(bad, torch.full_like(status, int(Status.NONFINITE)), status)
+    bad = torch.isfinite(y.reshape(y.shape[0], -1)).all(dim=1).logical_not_()
+    bad &= status == int(Status.CONVERGED)
+    return status.masked_fill(bad, int(Status.NONFINITE))

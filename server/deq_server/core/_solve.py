@@ -10,6 +10,7 @@ synchronisation per iteration is reading how many rows retired.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -199,18 +200,20 @@ class BatchSolve:
         _check_args(self._args, batch)
         tol_t = _per_sample("tol", tol, batch, dtype, device)
         cap_t = _per_sample("max_iter", max_iter, batch, torch.int64, device)
-        if not bool(((tol_t > 0) & torch.isfinite(tol_t)).all()):
-            raise ValueError("tol must be finite and > 0 for every sample")
-        if not bool((cap_t >= 1).all()):
-            raise ValueError("max_iter must be >= 1 for every sample")
+        # one reduction per check (NaN propagates through aminmax and fails `0 <`)
+        if batch:
+            tol_lo, tol_hi = torch.aminmax(tol_t)
+            if not (float(tol_lo) > 0 and float(tol_hi) < math.inf):
+                raise ValueError("tol must be finite and > 0 for every sample")
+            if int(cap_t.min()) < 1:
+                raise ValueError("max_iter must be >= 1 for every sample")
         self._f, self._stop_mode, self._divergence = f, stop_mode, divergence
         self._should_stop = should_stop
         self._advance = _compiled_advance() if compile else _advance
         self._z0 = z0
-        self._out_z = torch.empty_like(z0).reshape(batch, width)
-        self._out_iters = torch.zeros(batch, dtype=torch.int64, device=device)
-        self._out_res = torch.full((batch,), float("inf"), dtype=dtype, device=device)
-        self._out_status = torch.zeros(batch, dtype=torch.int64, device=device)
+        # The outcome per batch row (best iterate, evaluations, residual, status): the retiring
+        # rows' own tensors when they all retire at once, else buffers filled as they retire.
+        self._out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         with torch.no_grad():
             # The active rows, compacted as rows retire; `index` maps them to the batch.
             self._index = torch.arange(batch, device=device)
@@ -253,32 +256,55 @@ class BatchSolve:
                 stop = stop.to(device=device, dtype=torch.int64)
                 running = running & (stop == RUNNING)
         n_keep = int(running.sum())  # the one host sync per iteration
-        if n_keep < z.shape[0]:
-            status = verdicts(rows, seen, self._divergence, stop)
-            order = torch.argsort((~running).to(torch.int8), stable=True)
-            keep, done = order[:n_keep], order[n_keep:]
-            at = self._index.index_select(0, done)
-            self._out_z.index_copy_(0, at, rows.best_z.index_select(0, done))
-            self._out_iters.index_copy_(0, at, rows.evals.index_select(0, done))
-            self._out_res.index_copy_(0, at, rows.best.index_select(0, done))
-            self._out_status.index_copy_(0, at, status.index_select(0, done))
-            if n_keep == 0:
-                self._z = z[:0]
-                return
-            self._rows, self._index = rows.select(keep), self._index.index_select(0, keep)
-            z_next = z_next.index_select(0, keep)
-            self._args = _select_args(self._args, keep)
-            self._state = self._method.select(self._state, keep)
-        self._z = z_next
+        if n_keep == z.shape[0]:
+            self._z = z_next
+            return
+        status = verdicts(rows, seen, self._divergence, stop)
+        if n_keep == 0:  # every active row retires (a lone request's last step): no reordering
+            self._retire(self._index, rows.best_z, rows.evals, rows.best, status)
+            self._z = z[:0]
+            return
+        order = torch.argsort((~running).to(torch.int8), stable=True)
+        keep, done = order[:n_keep], order[n_keep:]
+        self._retire(
+            self._index.index_select(0, done),
+            *(t.index_select(0, done) for t in (rows.best_z, rows.evals, rows.best, status)),
+        )
+        self._rows, self._index = rows.select(keep), self._index.index_select(0, keep)
+        self._z = z_next.index_select(0, keep)
+        self._args = _select_args(self._args, keep)
+        self._state = self._method.select(self._state, keep)
+
+    def _retire(
+        self, at: Tensor, best_z: Tensor, evals: Tensor, best: Tensor, status: Tensor
+    ) -> None:
+        """Record the outcome of retiring rows at their batch positions `at`."""
+        outcome = (best_z, evals, best, status)
+        if self._out is None and at.shape[0] == self._z0.shape[0]:
+            self._out = outcome  # the whole batch, in order (nothing retired or moved before)
+            return
+        if self._out is None:
+            rows = self._z0.shape[0]
+            best_z, evals, best, status = (
+                torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in outcome
+            )
+            self._out = (best_z, evals, best, status)
+        for out, value in zip(self._out, outcome, strict=True):
+            out.index_copy_(0, at, value)
 
     def result(self) -> SolveResult:
         """The per-sample outcome (once `done`)."""
         if not self.done:
             raise RuntimeError(f"{self.rows} rows are still solving")
+        if self._out is None:  # an empty batch
+            z0 = self._z0
+            empty = torch.empty(0, dtype=torch.int64, device=z0.device)
+            return SolveResult(z0.clone(), empty, z0.new_empty(0), empty.clone(), self.steps)
+        z, iterations, residual, status = self._out
         return SolveResult(
-            z=self._out_z.view_as(self._z0),
-            iterations=self._out_iters,
-            residual=self._out_res,
-            status=self._out_status,
+            z=z.view_as(self._z0),
+            iterations=iterations,
+            residual=residual,
+            status=status,
             steps=self.steps,
         )

@@ -143,7 +143,7 @@ def make_scheduler(config: ServerConfig, metrics: Metrics, device: torch.device)
     batch."""
 
     def on_batch(model: str, rows: int) -> None:
-        metrics.batch_size.labels(model).observe(rows)
+        metrics.model(model).batch_size.observe(rows)
 
     if scheduler_for(config, device) == "request":
         return RequestScheduler(

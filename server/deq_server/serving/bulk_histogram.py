@@ -55,8 +55,11 @@ class BulkHistogram(Collector):
         # bucket i holds values in (bounds[i-1], bounds[i]]: `le` is inclusive
         where = np.searchsorted(self._bounds, values, side="left")
         counts = np.bincount(where, minlength=len(self._bounds) + 1)
+        key = tuple(labels)
         with self._lock:
-            series = self._series.setdefault(tuple(labels), _Series(np.zeros_like(counts)))
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = _Series(np.zeros_like(counts))
             series.counts += counts
             series.total += float(values.sum())
 

@@ -67,7 +67,7 @@ class _Recorder:
     def __call__(self, outcomes: list[SolveOutcome]) -> None:  # on the engine thread
         results = [outcome.result for outcome in outcomes]
         self.metrics.record_solves(self.model, self.method, "forward", results)
-        queued = self.metrics.queue_seconds.labels(self.model)
+        queued = self.metrics.model(self.model).queue_seconds
         for outcome in outcomes:
             queued.observe(outcome.queue_seconds)
 
@@ -101,8 +101,9 @@ class Inference:
         finally:
             # Unknown names share one label value: clients must not mint new series.
             label = call.model if call.model in self.registry.models else "unknown"
-            self.metrics.requests.labels(label, code.name).inc()
-            self.metrics.request_seconds.labels(label).observe(time.monotonic() - start)
+            series = self.metrics.model(label)
+            series.requests(code.name).inc()
+            series.request_seconds.observe(time.monotonic() - start)
 
     def _inputs(
         self, call: InferCall, sample: tuple[int, ...], state: tuple[int, ...]
@@ -149,7 +150,7 @@ class Inference:
             model_name=name,
             on_solved=_Recorder(self.metrics, name, method),
         )
-        gauge = self.metrics.pending.labels(name)
+        gauge = self.metrics.model(name).pending
         gauge.inc()
         try:
             outcome = await self.scheduler.submit(job)

@@ -7,6 +7,7 @@ go-grpc-prometheus series for every RPC kind, streams included.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -57,10 +58,55 @@ RESIDUALS = tuple(10.0**e for e in range(-12, 3))
 BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+class ModelSeries:
+    """One model's per-request series, their labelled children looked up once (a `labels` call
+    takes a lock and a dict lookup: several per request otherwise, on the event loop and on the
+    engine thread)."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._metrics, self.model = metrics, model
+        self._requests: dict[str, Any] = {}
+        self._samples: dict[int, Any] = {}
+
+    # each child made when first used: a series exists only once something is recorded in it
+    @functools.cached_property
+    def pending(self) -> Any:
+        return self._metrics.pending.labels(self.model)
+
+    @functools.cached_property
+    def request_seconds(self) -> Any:
+        return self._metrics.request_seconds.labels(self.model)
+
+    @functools.cached_property
+    def queue_seconds(self) -> Any:
+        return self._metrics.queue_seconds.labels(self.model)
+
+    @functools.cached_property
+    def batch_size(self) -> Any:
+        return self._metrics.batch_size.labels(self.model)
+
+    def requests(self, code: str) -> Any:
+        """The deq_inference_requests_total child of a status code name."""
+        child = self._requests.get(code)
+        if child is None:
+            child = self._requests[code] = self._metrics.requests.labels(self.model, code)
+        return child
+
+    def samples(self, status: int) -> Any:
+        """The deq_solver_samples_total child of a `Status` value."""
+        child = self._samples.get(status)
+        if child is None:
+            name = Status(status).name
+            child = self._samples[status] = self._metrics.samples.labels(self.model, name)
+        return child
+
+
 class Metrics:
     """Every series the service exports, on a private registry (several servers per process)."""
 
     def __init__(self) -> None:
+        # per-model children, made on first use and dropped with the model's series
+        self._models: dict[str, ModelSeries] = {}
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
@@ -136,9 +182,17 @@ class Metrics:
         self.model_info.labels(model, version, device).set(1)
         self.pending.labels(model)
 
+    def model(self, model: str) -> ModelSeries:
+        """`model`'s per-request series (the same object until `forget_model`)."""
+        series = self._models.get(model)
+        if series is None:
+            series = self._models[model] = ModelSeries(self, model)
+        return series
+
     def forget_model(self, model: str) -> None:
         """Remove every series labelled with `model` (an unloaded model's series would otherwise
         be exported for as long as the process lives)."""
+        self._models.pop(model, None)
         per_model: list[tuple[Any, tuple[str, ...]]] = [
             (self.requests, ("model", "code")),
             (self.request_seconds, ("model",)),
@@ -179,9 +233,9 @@ class Metrics:
         if phase == "forward":
             statuses = np.concatenate([r.status.cpu().numpy() for r in results])
             counts = np.bincount(statuses, minlength=len(Status) + 1)
-            for status in Status:
-                if counts[int(status)]:
-                    self.samples.labels(model, status.name).inc(int(counts[int(status)]))
+            series = self.model(model)
+            for status in np.flatnonzero(counts).tolist():
+                series.samples(status).inc(int(counts[status]))
 
 
 class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):

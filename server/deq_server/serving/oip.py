@@ -227,11 +227,11 @@ class OIPServicer(oip_grpc.GRPCInferenceServiceServicer):
         answer = await self.deq.inference.run(call, context.time_remaining())
         produced = response_outputs(answer)
         wanted = [o.name for o in request.outputs] or list(produced)
-        response = oip.ModelInferResponse(
-            model_name=request.model_name, model_version=answer.version, id=request.id
+        # built in one constructor call: appending copies each output message once more
+        return oip.ModelInferResponse(
+            model_name=request.model_name,
+            model_version=answer.version,
+            id=request.id,
+            outputs=[produced[name][0] for name in wanted],
+            raw_output_contents=[produced[name][1] for name in wanted],
         )
-        for name in wanted:
-            meta, raw = produced[name]
-            response.outputs.append(meta)
-            response.raw_output_contents.append(raw)
-        return response
