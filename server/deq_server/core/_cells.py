@@ -161,7 +161,8 @@ class MLPCell(nn.Module):
         self.state_shape: tuple[int, ...] = (c["hidden"],)
 
     def inject(self, x: Tensor) -> Tensor:
-        return self.injection((x.flatten(1) - self.input_shift) * self.input_scale)
+        x = (x.flatten(1) - self.input_shift) * self.input_scale
+        return F.linear(x, self.injection.weight, self.injection.bias)
 
     def cell(self, z: Tensor, inj: Tensor) -> Tensor:
         # F.linear, not the module call: this runs every iteration, and a module call costs
@@ -169,7 +170,7 @@ class MLPCell(nn.Module):
         return self.act(F.linear(z, self.W.weight) + inj)
 
     def head(self, z: Tensor) -> Tensor:
-        return self.out(z)
+        return F.linear(z, self.out.weight, self.out.bias)
 
 
 class ConvCell(nn.Module):

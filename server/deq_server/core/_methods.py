@@ -125,8 +125,8 @@ class Anderson:
         state.has_prev.fill_(1.0)
         state.slot.add_(1).remainder_(m)
 
-        products = torch.bmm(E, E.transpose(1, 2))  # [dG, g]^T [dG, g]: Gram and rhs at once
-        gram, rhs = products[:, :m, :m], products[:, :m, m:]
+        products = torch.bmm(E, E.transpose(1, 2))[:, :m]  # [dG, g]^T [dG, g]: Gram, rhs
+        gram, rhs = products[..., :m], products[..., m:]
         # The ridge, plus the smallest normal number: a zero dG column (never written, or no
         # difference yet) has no coupling and zero rhs, so its gamma is exactly 0 (its X column,
         # finite, then adds nothing), and a row with no columns yet takes a plain step; the

@@ -74,6 +74,13 @@ class DEQModel(nn.Module):
         resolved["backward"] = backward_config(self.backward_strategy)
         self.layer = layer
         self._config = resolved
+        # The per-sample shapes, read on every request: plain attributes, not a walk through
+        # nn.Module's attribute lookup to the layer each time.
+        self._shapes = (
+            tuple(self._layer.input_shape),
+            tuple(self._layer.output_shape),
+            tuple(self._layer.state_shape),
+        )
         # Where the weights came from (checkpoint metadata); empty for a fresh model.
         self.provenance: dict[str, str] = {}
 
@@ -93,17 +100,17 @@ class DEQModel(nn.Module):
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one input sample (the batch dimension excluded)."""
-        return self._layer.input_shape
+        return self._shapes[0]
 
     @property
     def output_shape(self) -> tuple[int, ...]:
         """Shape of one output sample."""
-        return self._layer.output_shape
+        return self._shapes[1]
 
     @property
     def state_shape(self) -> tuple[int, ...]:
         """Shape of one sample's fixed-point state."""
-        return self._layer.state_shape
+        return self._shapes[2]
 
     @property
     def solver_defaults(self) -> Mapping[str, Any]:

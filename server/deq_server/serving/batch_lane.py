@@ -139,7 +139,6 @@ class BatchLane:
         # Host<->device copies happen here, on the engine thread, never on the event loop.
         x = host_cat([job.x for job in jobs]).to(device, self.dtype)
         sizes = [ticket.rows for ticket in tickets]
-        row_job = torch.from_numpy(np.repeat(np.arange(len(jobs)), sizes)).to(device)
         if self._on_batch is not None:
             self._on_batch(self.name, x.shape[0])
         solver: dict[str, Any] = dict(self._shared)
@@ -162,7 +161,7 @@ class BatchLane:
             model.cell,
             z0,
             args=(inj,),
-            should_stop=stop_hook(jobs, row_job),
+            should_stop=stop_hook(jobs, sizes),
             compile=self._compile,
             **solver,
         )

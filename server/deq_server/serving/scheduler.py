@@ -176,19 +176,25 @@ def unstarted(job: SolveJob, model: DEQModel) -> SolveOutcome:
     return SolveOutcome(y, result, time.monotonic() - job.submitted, 0.0, 0)
 
 
-def stop_hook(jobs: list[SolveJob], row_job: Tensor) -> Any:
+def stop_hook(jobs: list[SolveJob], sizes: list[int]) -> Any:
     """The solver hook that turns each job's cancellation and deadline into its rows' statuses.
 
-    `row_job[i]` is the index in `jobs` of batch row i. Host work per iteration: one check per job.
+    Job i holds the next `sizes[i]` rows of the batch. Host work per iteration: one check per
+    job; the rows' job numbers are made only once some job stops.
     """
     limits = [limit_of(job) for job in jobs]
+    row_job: Tensor | None = None
 
     def should_stop(progress: Progress) -> Tensor | None:
+        nonlocal row_job
         now = time.monotonic()
         verdicts = [verdict(job, limit, now) for job, limit in zip(jobs, limits, strict=True)]
         if not any(verdicts):
             return None
-        per_job = torch.tensor(verdicts, dtype=torch.int64, device=progress.active.device)
+        device = progress.active.device
+        if row_job is None:
+            row_job = torch.from_numpy(np.repeat(np.arange(len(jobs)), sizes)).to(device)
+        per_job = torch.tensor(verdicts, dtype=torch.int64, device=device)
         return per_job[row_job[progress.active]]
 
     return should_stop
