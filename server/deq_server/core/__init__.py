@@ -12,10 +12,11 @@ from ._checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from ._compiled import CompiledIteration
 from ._convert import mlp_to_deq
 from ._files import atomic_write
 from ._implicit import IFT, JFB, Backward, Phantom, make_backward
-from ._methods import METHODS
+from ._methods import METHODS, make_method
 from ._model import DEQModel, nonfinite_outputs
 from ._package import ExportedLayer, PackageError, checked_probe, export_deq
 from ._rows import STOP_MODES
@@ -35,6 +36,7 @@ __all__ = [
     "Backward",
     "BatchSolve",
     "CheckpointError",
+    "CompiledIteration",
     "DEQModel",
     "ExportedLayer",
     "PackageError",
@@ -51,6 +53,7 @@ __all__ = [
     "export_deq",
     "load_checkpoint",
     "make_backward",
+    "make_method",
     "mlp_to_deq",
     "nonfinite_outputs",
     "save_checkpoint",

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._compiled import CompiledIteration
 from ._methods import make_method
 from ._rows import STOP_MODES, Observation, Rows, observe, verdicts
 from ._status import RUNNING, Status
@@ -139,6 +140,7 @@ def solve(
     should_stop: StopHook | None = None,
     divergence: float = 1e5,
     compile: bool = False,
+    iteration: CompiledIteration | None = None,
     **options: Any,
 ) -> SolveResult:
     """Find z = f(z, *args) for every sample of a batch, each to its own tolerance.
@@ -148,6 +150,8 @@ def solve(
     stops at once as NONFINITE. `options` go to the method (e.g. m, beta for anderson).
     `compile`: each iteration's work (f, bookkeeping, method step) as one torch.compile program
     with a dynamic batch size (compiled on first use; the same answers, see tests).
+    `iteration`: a `CompiledIteration` made for this f, method and stop mode, which then runs
+    every iteration (ignored where it does not fit the arguments).
     Runs under no_grad; differentiate through `DEQModel`, which attaches implicit gradients.
     """
     run = BatchSolve(
@@ -161,6 +165,7 @@ def solve(
         should_stop=should_stop,
         divergence=divergence,
         compile=compile,
+        iteration=iteration,
         **options,
     )
     while not run.done:
@@ -186,6 +191,7 @@ class BatchSolve:
         should_stop: StopHook | None = None,
         divergence: float = 1e5,
         compile: bool = False,
+        iteration: CompiledIteration | None = None,
         **options: Any,
     ) -> None:
         if stop_mode not in STOP_MODES:
@@ -210,6 +216,11 @@ class BatchSolve:
         self._f, self._stop_mode, self._divergence = f, stop_mode, divergence
         self._should_stop = should_stop
         self._advance = _compiled_advance() if compile else _advance
+        self._iteration = None
+        if iteration is not None and iteration.fits(
+            self._method, z0.reshape(batch, -1), self._args, stop_mode
+        ):
+            self._iteration = iteration  # rows only shrink from here: it fits every step
         self._z0 = z0
         # The outcome per batch row (best iterate, evaluations, residual, status): the retiring
         # rows' own tensors when they all retire at once, else buffers filled as they retire.
@@ -244,10 +255,14 @@ class BatchSolve:
         rows, z, device = self._rows, self._z, self._z.device
         # the next iterate is proposed for every active row, the retiring ones too (a method's
         # step is row-local, so the rows that stay get what they would alone)
-        seen, z_next = self._advance(
-            self._f, self._method, z, self._shape, self._args, rows, self._state,
-            self._stop_mode, self._divergence,
-        )  # fmt: skip
+        if self._iteration is not None:  # the same iteration as one compiled program
+            seen, z_next, rows, self._state = self._iteration(z, self._args, rows, self._state)
+            self._rows = rows
+        else:
+            seen, z_next = self._advance(
+                self._f, self._method, z, self._shape, self._args, rows, self._state,
+                self._stop_mode, self._divergence,
+            )  # fmt: skip
         self.steps += 1
         running, stop = seen.running, None
         if self._should_stop is not None:

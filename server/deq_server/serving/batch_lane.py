@@ -23,6 +23,7 @@ import torch
 
 from deq_server.core import BatchSolve, SolveResult, nonfinite_outputs
 
+from .compiled_step import compile_iteration, ready
 from .scheduler import (
     SolveJob,
     SolveOutcome,
@@ -69,7 +70,13 @@ class BatchLane:
         ref = next(self.model.parameters())
         self.device, self.dtype = ref.device, ref.dtype
         self._max_batch, self._batches = max_batch, batches
-        self._on_batch, self._compile = on_batch, compile_step
+        self._on_batch = on_batch
+        # --compile-step: this lane's iteration as one compiled program, built in the background
+        self._iteration = (
+            compile_iteration(job.model, self.model, self.name, self._shared, max_batch)
+            if compile_step
+            else None
+        )
         self.waiting: deque[Ticket] = deque()
         self.solving: list[_Batch] = []
         self.idle_since = time.monotonic()
@@ -162,7 +169,7 @@ class BatchLane:
             z0,
             args=(inj,),
             should_stop=stop_hook(jobs, sizes),
-            compile=self._compile,
+            iteration=ready(self._iteration),
             **solver,
         )
         return _Batch(tickets, run, start)

@@ -102,9 +102,9 @@ class ChildMetrics:
         yield from merged.values()
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this child when the parent dies (even by SIGKILL), so that no child keeps
-    serving a port nobody supervises; it drains as on any SIGTERM."""
+def die_with_parent() -> None:
+    """Linux: SIGTERM this child process when its parent dies (even by SIGKILL), so that no child
+    keeps working for a parent that is gone (a server child drains as on any SIGTERM)."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -118,7 +118,7 @@ def _child(config: ServerConfig, index: int, parent: int, conn: Connection) -> N
     """A child's entry point (spawned): run one full server on the shared port, report ready."""
     from .app import StartupError, serve, setup_logging
 
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != parent:  # the parent died before the line above took effect
         return
     setup_logging(config, str(index))

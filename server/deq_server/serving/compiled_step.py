@@ -1,0 +1,169 @@
+"""`--compile-step` for the request-level lanes: each lane's solver iteration compiled ahead of
+time (`core.CompiledIteration`), the lane solving eagerly until its program is ready, and for good
+if it cannot be built (logged once, with the reason).
+
+Compiling takes seconds of CPU, most of it Python (export, code generation) that would hold the
+GIL the event loop and the engine need, so it runs in a child process
+(`python -m deq_server.serving.compiled_step DIR`), one at a time, in a private temporary
+directory that holds the job (the served model saved as a checkpoint, read back by the same
+checked loader as any other, and the settings as JSON: no pickle) and receives the program. A
+thread of this process waits for the child and loads the program.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deq_server.core import (
+    CompiledIteration,
+    DEQModel,
+    ExportedLayer,
+    load_checkpoint,
+    make_method,
+    save_checkpoint,
+)
+
+from .processes import die_with_parent
+
+log = logging.getLogger("deq_server.compile")
+
+# BatchSolve's own keywords among a batch's shared settings; the rest are the method's options
+_SOLVE_KEYS = ("method", "stop_mode", "divergence")
+COMPILE_TIMEOUT_S = 600.0
+_JOB, _PACKAGE = "job.json", "iteration.pt2"
+_PARENT = "DEQ_COMPILE_PARENT"  # the child checks that its parent is still this server
+
+_Work = tuple[Future[CompiledIteration], DEQModel, DEQModel, str, dict[str, Any], int]
+_queue: queue.Queue[_Work] = queue.Queue()
+_started = threading.Lock()
+_thread: threading.Thread | None = None
+
+
+def compile_iteration(
+    served: DEQModel, model: DEQModel, name: str, shared: dict[str, Any], max_rows: int
+) -> Future[CompiledIteration]:
+    """Queue the compilation of the iteration that a lane of `model` (the frozen copy of
+    `served`, served as `name`) with these shared settings runs."""
+    global _thread
+    future: Future[CompiledIteration] = Future()
+    _queue.put((future, served, model, name, dict(shared), max_rows))
+    with _started:
+        if _thread is None:  # one waiting thread per process, a daemon: exit never waits on it
+            _thread = threading.Thread(target=_serve, name="deq-compile", daemon=True)
+            _thread.start()
+    return future
+
+
+def ready(future: Future[CompiledIteration] | None) -> CompiledIteration | None:
+    """The compiled iteration once it is built, else None (not yet, or never)."""
+    if future is None or not future.done() or future.exception() is not None:
+        return None
+    return future.result()
+
+
+def _serve() -> None:
+    while True:
+        future, *work = _queue.get()
+        try:
+            future.set_result(_build(*work))
+        except Exception as exc:
+            future.set_exception(exc)
+
+
+def _settings(shared: dict[str, Any]) -> dict[str, Any]:
+    """CompiledIteration's keywords for a batch's shared settings (the method built as
+    BatchSolve builds it, so that the program fits the batches)."""
+    options = {k: v for k, v in shared.items() if k not in _SOLVE_KEYS}
+    return {
+        "method": make_method(shared.get("method", "anderson"), **options),
+        "stop_mode": shared.get("stop_mode", "rel"),
+        "divergence": shared.get("divergence", 1e5),
+    }
+
+
+def _examples(model: DEQModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """Example rows (their values do not matter): the start and injection of two zero inputs."""
+    ref = next(model.parameters())
+    with torch.no_grad():
+        x = torch.zeros(2, *model.input_shape, dtype=ref.dtype, device=ref.device)
+        return model.init_state(x), model.inject(x)
+
+
+def _build(
+    served: DEQModel, model: DEQModel, name: str, shared: dict[str, Any], max_rows: int
+) -> CompiledIteration:
+    settings = _settings(shared)
+    ref = next(model.parameters())
+    tmp = Path(tempfile.mkdtemp(prefix="deq-compile-"))  # 0700: ours alone
+    try:
+        suffix = ".pt2" if isinstance(served.layer, ExportedLayer) else ".safetensors"
+        with torch.inference_mode(False):
+            save_checkpoint(served, tmp / f"model{suffix}")
+        job = {"model": f"model{suffix}", "shared": shared, "max_rows": max_rows,
+               "dtype": str(ref.dtype).removeprefix("torch."), "device": str(ref.device)}  # fmt: skip
+        (tmp / _JOB).write_text(json.dumps(job))
+        done = subprocess.run(
+            [sys.executable, "-m", __name__, str(tmp)],
+            capture_output=True,
+            text=True,
+            timeout=COMPILE_TIMEOUT_S,
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+                _PARENT: str(os.getpid()),
+            },
+            check=False,
+        )
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"the compiler process exited with {done.returncode}: {last}")
+        z0, inj = _examples(model)
+        program = CompiledIteration(
+            model.cell, z=z0, args=[inj], max_rows=max_rows, package=tmp / _PACKAGE, **settings
+        )
+    except Exception as exc:
+        log.warning(
+            "--compile-step: model %s solves eagerly (%s: %s)", name, type(exc).__name__, exc
+        )
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("--compile-step: model %s (%s) runs its compiled iteration", name, settings["method"])
+    return program
+
+
+def _compile(directory: Path) -> None:
+    """The child's work: the job's program, written to the package path."""
+    die_with_parent()  # a compile nobody waits for is not worth finishing
+    if os.getppid() != int(os.environ.get(_PARENT, "0")):
+        raise SystemExit("the server that asked for this compile is gone")
+    job = json.loads((directory / _JOB).read_text())
+    served = load_checkpoint(directory / job["model"])
+    model = served.to(job["device"], getattr(torch, job["dtype"])).eval().frozen()
+    z0, inj = _examples(model)
+    CompiledIteration(
+        model.cell,
+        z=z0,
+        args=[inj],
+        max_rows=job["max_rows"],
+        package=directory / _PACKAGE,
+        **_settings(job["shared"]),
+    )
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    _compile(Path(sys.argv[1]))
