@@ -77,7 +77,8 @@ def test_the_compiled_iteration_gives_the_eager_answers_in_float64(method: str) 
 
 
 def test_an_iteration_that_does_not_fit_is_not_used() -> None:
-    """Another method, more rows than it takes, another dtype: the plain eager solve, exactly."""
+    """Another method, more rows than it takes, another dtype, another model: the plain eager
+    solve, exactly."""
     model = served().frozen()
     program = compiled(model, "anderson", max_rows=4)
     for rows, method in ((3, "picard"), (15, "anderson")):
@@ -91,6 +92,12 @@ def test_an_iteration_that_does_not_fit_is_not_used() -> None:
         args = dict(args=(single.inject(x),), tol=1e-4, max_iter=60)
         eager = solve(single.cell, single.init_state(x), **args)
         got = solve(single.cell, single.init_state(x), iteration=program, **args)
+    assert torch.equal(got.z, eager.z)
+    other = served().frozen()  # another model (other weights: the program bakes its own in)
+    with torch.no_grad():
+        other.layer.W.weight.mul_(0.5)
+    eager = run(other, 3, "anderson")
+    got = run(other, 3, "anderson", iteration=program)
     assert torch.equal(got.z, eager.z)
 
 

@@ -94,6 +94,7 @@ class CompiledIteration:
         if not all(isinstance(a, Tensor) and a.dim() > 0 for a in args):
             raise TypeError("a compiled iteration takes batch-first tensor arguments only")
         self.method, self.stop_mode, self.divergence = method, stop_mode, divergence
+        self._owner = getattr(f, "__self__", f)  # the model (or function) it was made for
         self.dtype, self.device = z.dtype, z.device
         self.width, self.n_args = z.shape[1:].numel(), len(args)
         # two example rows: torch.export specialises a dimension it sees as 1
@@ -126,10 +127,13 @@ class CompiledIteration:
     def _state_tensors(self, state: Any) -> list[Tensor]:
         return [getattr(state, n) for n in self._fields]
 
-    def fits(self, method: Any, z: Tensor, args: Sequence[Any], stop_mode: str) -> bool:
-        """Whether this program computes `_advance` for these settings and tensors."""
+    def fits(
+        self, f: Callable[..., Tensor], method: Any, z: Tensor, args: Sequence[Any], stop_mode: str
+    ) -> bool:
+        """Whether this program computes `_advance` for this f, settings and tensors."""
         return (
-            method == self.method
+            getattr(f, "__self__", f) is self._owner
+            and method == self.method
             and stop_mode == self.stop_mode
             and z.dtype == self.dtype
             and z.device == self.device

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._cells import Layer, cell_class, resolve_config
+from ._compiled import CompiledIteration
 from ._implicit import Backward, backward_config, make_backward
 from ._solve import SolveResult, StopHook, check_solver_options, solve
 from ._status import Status
@@ -174,9 +175,11 @@ class DEQModel(nn.Module):
         should_stop: StopHook | None = None,
         backward: str | dict[str, Any] | Backward | None = None,
         compile: bool = False,
+        iteration: CompiledIteration | None = None,
         **solver: Any,
     ) -> tuple[Tensor, SolveResult]:
-        """`compile`: the solve's iterations as a torch.compile program (see `solve`)."""
+        """`compile`: the solve's iterations as a torch.compile program; `iteration`: a
+        `CompiledIteration` made for this model's cell (see `solve`)."""
         opts = _call_options(self._config["solver"], solver)
         strategy = self.backward_strategy if backward is None else make_backward(backward)
         inj = self.inject(x)
@@ -185,8 +188,9 @@ class DEQModel(nn.Module):
         # autograd history, or the weights' own parameters would get no gradient.
         cell = self._solver_cell()
         result = solve(
-            cell, start, args=(inj.detach(),), should_stop=should_stop, compile=compile, **opts
-        )
+            cell, start, args=(inj.detach(),), should_stop=should_stop, compile=compile,
+            iteration=iteration, **opts,
+        )  # fmt: skip
         z = result.z
         # Attach whenever anything could receive a gradient: a frozen injection (inj without
         # grad) must not silently cut the cell's trainable weights off (any() stops at the first).

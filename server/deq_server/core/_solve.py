@@ -218,7 +218,7 @@ class BatchSolve:
         self._advance = _compiled_advance() if compile else _advance
         self._iteration = None
         if iteration is not None and iteration.fits(
-            self._method, z0.reshape(batch, -1), self._args, stop_mode
+            f, self._method, z0.reshape(batch, -1), self._args, stop_mode
         ):
             self._iteration = iteration  # rows only shrink from here: it fits every step
         self._z0 = z0
