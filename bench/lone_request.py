@@ -4,8 +4,9 @@ One held-out `digits` sample at a time (bench/serving.py's inputs; tol 1e-4, and
 thread, in this process (no gRPC, no metrics):
 
 - bare: the frozen model's forward in `torch.inference_mode`, what the engine thread runs for a
-  lone request with nothing around it; with `--compile`, also the same forward with
-  `compile=True` (its compile falls in the warm-up);
+  lone request with nothing around it; with `--compile`, also the same forward with its
+  iterations as one compiled program (`CompiledIteration`, what `--compile-step` gives the
+  request-level lanes; compiled once before the rounds);
 - engine: `RequestScheduler.submit` awaited on an event loop: the hand-over to the engine thread,
   the lane's batch setup and finish, and the way back; its outcome splits it into queue (submit to
   batch start) and solve (batch start to finish) seconds;
@@ -34,7 +35,7 @@ import serving  # the sibling script: its inputs and machine facts
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from deq_server.core import DEQModel, load_checkpoint
+from deq_server.core import CompiledIteration, DEQModel, load_checkpoint, make_method
 from deq_server.models import bundled_checkpoints
 from deq_server.serving.engine import RequestScheduler
 from deq_server.serving.scheduler import SolveJob
@@ -62,13 +63,27 @@ def _samples(n: int) -> list[torch.Tensor]:
     return [torch.from_numpy(x[i % len(x)].copy()) for i in range(n)]
 
 
-def _bare(model: DEQModel, xs: list[torch.Tensor], compile: bool) -> tuple[np.ndarray, float]:
+def _program(model: DEQModel) -> CompiledIteration:
+    """The model's iteration compiled for the default solver settings."""
+    x = torch.zeros(2, *model.input_shape)
+    with torch.no_grad():
+        z0, inj = model.init_state(x), model.inject(x)
+    solver = model.solver_options()
+    return CompiledIteration(
+        model.cell, make_method(solver["method"]), z0, [inj], stop_mode=solver["stop_mode"],
+        divergence=1e5, max_rows=256,
+    )  # fmt: skip
+
+
+def _bare(
+    model: DEQModel, xs: list[torch.Tensor], program: CompiledIteration | None
+) -> tuple[np.ndarray, float]:
     """Seconds per lone forward, and the mean iterations."""
     times, iterations = [], []
     with torch.inference_mode():
         for x in xs:
             start = time.perf_counter()
-            _, result = model(x, tol=TOL, compile=compile)
+            _, result = model(x, tol=TOL, iteration=program)
             times.append(time.perf_counter() - start)
             iterations.append(int(result.iterations[0]))
     return np.asarray(times[WARMUP:]), float(np.mean(iterations))
@@ -103,7 +118,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000, help="per timing and round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="also time the compiled forward")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the forward with a compiled iteration"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     if args.requests <= WARMUP:
@@ -118,11 +135,12 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     print("| round | " + " | ".join(f"{c} p50 ms" for c in columns) + " | mean iterations |")
     print("|---" * (len(columns) + 2) + "|")
+    program = _program(frozen) if args.compile else None
     for r in range(1, args.rounds + 1):
-        bare, iterations = _bare(frozen, xs, compile=False)
+        bare, iterations = _bare(frozen, xs, None)
         times = {"bare": bare}
-        if args.compile:
-            times["bare_compiled"] = _bare(frozen, xs, compile=True)[0]
+        if program is not None:
+            times["bare_compiled"] = _bare(frozen, xs, program)[0]
         engine = asyncio.run(_engine(served, xs))
         times.update(engine=engine["total"], queue=engine["queue"], solve=engine["solve"])
         row = {f"{c}_p50_ms": float(np.median(times[c])) * 1e3 for c in columns}
