@@ -9,6 +9,7 @@ Layouts alternate for `--rounds` rounds, since this VM's speed drifts. OIP Model
 digits sample per request, tol 1e-4. Server CPU is summed over the server's processes.
 
     python bench/processes.py [--processes 1 2] [--concurrency 1 64] [--connections 8]
+        [--warmup 1]   # DEQ_* variables set the servers' configuration (DEQ_COMPILE_STEP=1, ...)
 
 A script, not a test: it prints a markdown table and writes the raw numbers as JSON.
 """
@@ -34,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serving  # the sibling script: its echo server, payloads and closed loop
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "processes.json"
-WARMUP_S = 1.0
 # The parent's ready line (a lone server's, or the --processes parent's; not a child's "[i]").
 READY = re.compile(r"deq_server: deq-server ready: (?:\d+ processes on )?gRPC 127\.0\.0\.1:(\d+)")
 
@@ -102,7 +102,9 @@ async def level(
         calls = [ch.unary_unary(method) for ch in channels]
         per = conc // k  # main() checks that it divides
         pid = pids[0]
-        await asyncio.gather(*(serving.closed_loop(c, payloads, per, WARMUP_S, pid) for c in calls))
+        await asyncio.gather(
+            *(serving.closed_loop(c, payloads, per, args.warmup, pid) for c in calls)
+        )
         before = cpu_s(pids)
         levels = await asyncio.gather(
             *(serving.closed_loop(c, payloads, per, args.seconds, pid) for c in calls)
@@ -176,6 +178,12 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     p.add_argument("--connections", type=int, default=8, help="channels the load goes over")
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=1.0,
+        help="unmeasured seconds per level (DEQ_COMPILE_STEP=1: its compile)",
+    )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args()
