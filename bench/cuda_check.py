@@ -3,7 +3,8 @@
 Checks, for every method, that solving on CUDA gives the CPU's statuses and iteration counts
 (float64) and states within rounding, that implicit gradients agree, that a `SlotPool` with
 staggered arrivals gives the CPU's per-sample answers (eager, and compiled as --compile-step
-compiles it), then times the seed-cell benchmark
+compiles it), that the request-level lanes' compiled iteration (`CompiledIteration`, AOTInductor)
+does too, then times the seed-cell benchmark
 (d=256, B=256, rel tol 1e-5, float32) on both devices, a `SlotPool` step against its busy rows
 (flat on a GPU is the regime where continuous batching pays), and the request-level and
 continuous schedulers in process on bench/scheduler.py's traces. Prints tables, writes JSON.
@@ -22,7 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deq_server.core import IFT, METHODS, DEQModel, SlotPool, load_checkpoint, solve
+from deq_server.core import (
+    IFT,
+    METHODS,
+    CompiledIteration,
+    DEQModel,
+    SlotPool,
+    load_checkpoint,
+    make_method,
+    solve,
+)
 from deq_server.models import bundled_checkpoints
 
 DEVICES = ("cpu", "cuda")  # the reference first
@@ -119,6 +129,59 @@ def time_solves(repeats: int = 5) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def _digits(device: str, dtype: torch.dtype) -> DEQModel:
+    return load_checkpoint(bundled_checkpoints()["digits"]).to(device, dtype).eval().frozen()
+
+
+def _program(model: DEQModel) -> CompiledIteration:
+    """The model's iteration as --compile-step builds it for a request-level lane."""
+    x = torch.zeros(2, 64, dtype=next(model.parameters()).dtype, device=model_device(model))
+    with torch.no_grad():
+        z0, inj = model.init_state(x), model.inject(x)
+    return CompiledIteration(
+        model.cell, make_method("anderson"), z0, [inj], stop_mode="rel", divergence=1e5,
+        max_rows=256,
+    )  # fmt: skip
+
+
+def model_device(model: DEQModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+def check_compiled_iteration(repeats: int = 200) -> dict[str, Any]:
+    """--compile-step's request-level path on CUDA: the digits model's CompiledIteration
+    (float64) against the CPU's eager solve of 15 samples at their own tolerances, then a lone
+    sample's solve (float32) eager and compiled on each device, p50 over `repeats`."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(15, 64, generator=g, dtype=torch.float64) * 16
+    tol = torch.tensor([10.0 ** -(2 + i % 9) for i in range(15)], dtype=torch.float64)
+    with torch.no_grad():
+        _, ref = _digits("cpu", torch.float64)(x, tol=tol, max_iter=60)
+        gpu = _digits("cuda", torch.float64)
+        _, got = gpu(x.cuda(), tol=tol.cuda(), max_iter=60, iteration=_program(gpu))
+    out: dict[str, Any] = {
+        "same_status": bool(torch.equal(ref.status, got.status.cpu())),
+        "same_iterations": bool(torch.equal(ref.iterations, got.iterations.cpu())),
+        "max_state_diff": float((ref.z - got.z.cpu()).abs().max()),
+        "lone_solve_p50_ms": {},
+    }
+    for device in DEVICES:
+        model = _digits(device, torch.float32)
+        program = _program(model)
+        lone = x[:1].float().to(device)
+        for name, iteration in (("eager", None), ("compiled", program)):
+            runs = []
+            with torch.inference_mode():
+                for _ in range(repeats + 10):
+                    start = time.perf_counter()
+                    model(lone, tol=1e-4, iteration=iteration)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    runs.append(time.perf_counter() - start)
+            out["lone_solve_p50_ms"][f"{device} {name}"] = sorted(runs[10:])[repeats // 2] * 1e3
+    return out
 
 
 def run_pool(device: str, method: str, compile: bool = False) -> dict[Any, tuple[int, int, Tensor]]:
@@ -248,6 +311,7 @@ def main() -> None:
         "gradients": check_gradients(),
         "timings": time_solves(),
         "slots": check_slots(),
+        "compiled_iteration": check_compiled_iteration(),
         "slot_steps": time_slot_steps("cpu")
         + time_slot_steps("cuda")
         + time_slot_steps("cuda", compile=True),
@@ -265,6 +329,7 @@ def main() -> None:
         )
     for row in report["slots"]:
         print(row)
+    print("compiled iteration (--compile-step, request-level):", report["compiled_iteration"])
     print("| device | compiled | busy rows | SlotPool ms / step |\n|---|---|---|---|")
     for r in report["slot_steps"]:
         print(f"| {r['device']} | {r['compiled']} | {r['busy']} | {r['ms_per_step']:.3f} |")
