@@ -170,13 +170,43 @@ def test_a_lane_solves_with_the_program_its_child_process_built(monkeypatch) -> 
 
 def test_a_compile_that_fails_leaves_the_lane_eager(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
     """A child that cannot finish (here: a timeout too short for any compile) fails the future
-    with the reason, logged once; `ready` then gives None, so the lane keeps solving eagerly."""
+    with the reason, logged once; `ready` then gives None, so the lane keeps solving eagerly, and
+    a lane made again for the same model and settings gets the same outcome, not a new compile."""
     monkeypatch.setattr(compiled_step, "COMPILE_TIMEOUT_S", 0.01)
     model = served()
+    settings = {"method": "anderson", "stop_mode": "rel"}
     with caplog.at_level("WARNING", logger="deq_server.compile"):
-        future = compiled_step.compile_iteration(
-            model, frozen(model), "digits", {"method": "anderson", "stop_mode": "rel"}, 8
-        )
+        future = compiled_step.compile_iteration(model, frozen(model), "digits", settings, 8)
         assert isinstance(future.exception(timeout=COMPILE_TIMEOUT_S), subprocess.TimeoutExpired)
     assert compiled_step.ready(future) is None
-    assert "model digits solves eagerly" in caplog.text
+    assert caplog.text.count("model digits solves eagerly") == 1
+    again = compiled_step.compile_iteration(model, frozen(model), "digits", dict(settings), 8)
+    assert again is future
+
+
+def test_only_the_models_own_settings_are_compiled(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Requests naming other solver settings (a method option, another stop mode, another
+    method) get lanes of their own, which solve eagerly: a client cannot make the server compile
+    once per setting it invents. The default settings' lane (named or not) asks once."""
+    asked: list[dict[str, Any]] = []
+
+    def recording(served, model, name, shared, max_rows):  # type: ignore[no-untyped-def]
+        asked.append(shared)
+        return Future()  # never ready: the lane solves eagerly, no compile runs
+
+    monkeypatch.setattr(batch_lane, "compile_iteration", recording)
+    model = served()
+    settings = [{}, {"method": "anderson"}, {"m": 3}, {"stop_mode": "abs"}, {"method": "picard"}]
+
+    async def submit_all() -> None:
+        scheduler = RequestScheduler(compile_step=True)
+        try:
+            for solver in settings:
+                await scheduler.submit(SolveJob(model, X[:1], {"tol": 1e-4, **solver}))
+        finally:
+            await scheduler.close()
+
+    asyncio.run(submit_all())
+    assert asked == [
+        {k: v for k, v in model.solver_options().items() if k not in ("tol", "max_iter")}
+    ]

@@ -25,6 +25,7 @@ from deq_server.core import BatchSolve, SolveResult, nonfinite_outputs
 
 from .compiled_step import compile_iteration, ready
 from .scheduler import (
+    PER_SAMPLE,
     SolveJob,
     SolveOutcome,
     Ticket,
@@ -71,10 +72,13 @@ class BatchLane:
         self.device, self.dtype = ref.device, ref.dtype
         self._max_batch, self._batches = max_batch, batches
         self._on_batch = on_batch
-        # --compile-step: this lane's iteration as one compiled program, built in the background
+        # --compile-step: this lane's iteration as one compiled program, built in the background;
+        # only for the model's own solver settings, so that requests naming other ones (method
+        # options, stop mode) cannot make the server compile for each of them
+        defaults = {k: v for k, v in job.model.solver_options().items() if k not in PER_SAMPLE}
         self._iteration = (
             compile_iteration(job.model, self.model, self.name, self._shared, max_batch)
-            if compile_step
+            if compile_step and self._shared == defaults
             else None
         )
         self.waiting: deque[Ticket] = deque()

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -48,19 +49,28 @@ _PARENT = "DEQ_COMPILE_PARENT"  # the child checks that its parent is still this
 
 _Work = tuple[Future[CompiledIteration], DEQModel, DEQModel, str, dict[str, Any], int]
 _queue: queue.Queue[_Work] = queue.Queue()
-_started = threading.Lock()
+_lock = threading.Lock()
 _thread: threading.Thread | None = None
+# per frozen model (kept while it is served), its programs by settings: a lane dropped when idle
+# and made again later finds its program instead of compiling it again
+_programs: weakref.WeakKeyDictionary[DEQModel, dict[Any, Future[CompiledIteration]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def compile_iteration(
     served: DEQModel, model: DEQModel, name: str, shared: dict[str, Any], max_rows: int
 ) -> Future[CompiledIteration]:
-    """Queue the compilation of the iteration that a lane of `model` (the frozen copy of
-    `served`, served as `name`) with these shared settings runs."""
+    """The compilation (queued, running or done) of the iteration that a lane of `model` (the
+    frozen copy of `served`, served as `name`) with these shared settings runs."""
     global _thread
-    future: Future[CompiledIteration] = Future()
-    _queue.put((future, served, model, name, dict(shared), max_rows))
-    with _started:
+    key = (tuple(sorted(shared.items(), key=repr)), max_rows)
+    with _lock:
+        known = _programs.setdefault(model, {})
+        if key in known:
+            return known[key]
+        future = known[key] = Future()
+        _queue.put((future, served, model, name, dict(shared), max_rows))
         if _thread is None:  # one waiting thread per process, a daemon: exit never waits on it
             _thread = threading.Thread(target=_serve, name="deq-compile", daemon=True)
             _thread.start()

@@ -213,12 +213,16 @@ def frozen(model: DEQModel) -> DEQModel:
         return copy
 
 
+# The solver settings each sample has its own of; a batch shares all the others.
+PER_SAMPLE = ("tol", "max_iter")
+
+
 def shared_settings(job: SolveJob) -> dict[str, Any]:
     """The settings a batch must share (all but the per-sample tol and max_iter), with the
     model's defaults filled in: a request naming the default method batches with one that
     names none."""
     options = job.model.solver_options(**job.solver)
-    return {k: v for k, v in options.items() if k not in ("tol", "max_iter")}
+    return {k: v for k, v in options.items() if k not in PER_SAMPLE}
 
 
 _KEYS: weakref.WeakKeyDictionary[DEQModel, dict[tuple[Any, ...], tuple[Any, ...]]] = (
