@@ -16,6 +16,10 @@ from deq_client.pb.deq.v1 import deq_pb2 as pb
 from deq_client.pb.deq.v1 import deq_pb2_grpc
 from deq_server.core import DEQModel, load_checkpoint
 from deq_server.models import bundled_checkpoints
+from deq_server.serving.config import parse_config
+from deq_server.serving.metrics import Metrics
+from deq_server.serving.registry import Registry
+from deq_server.serving.training import TrainSession
 
 SAVER = textwrap.dedent(
     """
@@ -113,3 +117,36 @@ def test_an_update_that_breaks_the_weights_is_taken_back(tmp_path):
     steps = [e.step for e in events if e.WhichOneof("event") == "step"]
     assert [s.skip_reason for s in steps] == ["non-finite weights after the update"] * 3
     assert events[-1].committed.steps == 0
+
+
+def test_a_step_taken_back_leaves_weights_and_optimizer_state_as_they_were(tmp_path):
+    """Two good Adam steps build moments and a step count; a third at lr 1e38 breaks the
+    weights and is taken back: the weights and every optimizer state tensor are as before it."""
+    shutil.copy(bundled_checkpoints()["digits"], tmp_path / "digits.safetensors")
+    registry = Registry(torch.device("cpu"), torch.float32)
+    registry.load_all(tmp_path, bundled_checkpoints())
+    config = parse_config([f"--model-dir={tmp_path}", "--metrics-address="])
+    train = pb.TrainConfig(model="digits", learning_rate=1e-3, loss=pb.LOSS_CROSS_ENTROPY)
+    session = TrainSession(train, registry, config, Metrics())
+    x = np.random.default_rng(1).integers(0, 17, (4, 64)).astype(np.float32)
+    batch = pb.TrainBatch(
+        inputs=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[4, 64], data=x.tobytes()),
+        targets=pb.Tensor(
+            dtype=pb.DATA_TYPE_INT64, shape=[4], data=np.arange(4, dtype=np.int64).tobytes()
+        ),
+    )
+    assert not any(session.step(batch).skipped for _ in range(2))
+    weights = [p.detach().clone() for p in session.model.parameters()]
+    state = {
+        i: {k: v.clone() for k, v in session.optimizer.state[p].items()}
+        for i, p in enumerate(session.model.parameters())
+    }
+    session.optimizer.param_groups[0]["lr"] = 1e38
+    assert session.step(batch).skip_reason == "non-finite weights after the update"
+    for i, p in enumerate(session.model.parameters()):
+        assert torch.equal(p.detach(), weights[i])
+        after = session.optimizer.state[p]
+        assert after.keys() == state[i].keys()
+        for k, v in state[i].items():
+            assert torch.equal(after[k], v)
+    session.close()
