@@ -6,7 +6,9 @@ lane whose program cannot be built keeps solving eagerly."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import subprocess
+import weakref
 from concurrent.futures import Future
 from typing import Any
 
@@ -141,7 +143,7 @@ def test_a_lane_solves_with_the_program_its_child_process_built(monkeypatch) -> 
     model = served()
     reference = frozen(model)
 
-    async def answers() -> list[Any]:
+    async def answers(model: DEQModel) -> list[Any]:
         scheduler = RequestScheduler(compile_step=True)
         try:
             first = await scheduler.submit(SolveJob(model, X[:1], {"tol": 1e-6}))
@@ -155,13 +157,20 @@ def test_a_lane_solves_with_the_program_its_child_process_built(monkeypatch) -> 
         finally:
             await scheduler.close()
 
-    outcomes = asyncio.run(answers())
+    outcomes = asyncio.run(answers(model))
     assert len(futures) == 1
+    # the program, kept per served model, does not keep that model alive
+    alive = weakref.ref(reference)
+    del model, reference
+    gc.collect()
+    assert alive() is None
+    assert isinstance(futures[0].result(), CompiledIteration)
+    eager_model = served().frozen()  # the same weights
     for outcome, (start, rows) in zip(outcomes, [(0, 1), (0, 3), (5, 3), (10, 3)], strict=True):
         x = X[start : start + rows]
         tol = 1e-6 if rows == 1 else tolerances(3)
         with torch.no_grad():
-            y, eager = reference(x, tol=tol)
+            y, eager = eager_model(x, tol=tol)
         assert outcome.result.iterations.tolist() == eager.iterations.tolist()
         assert outcome.result.status.tolist() == eager.status.tolist()
         torch.testing.assert_close(outcome.result.z, eager.z, rtol=1e-12, atol=1e-12)
@@ -182,6 +191,10 @@ def test_a_compile_that_fails_leaves_the_lane_eager(monkeypatch, caplog) -> None
     assert caplog.text.count("model digits solves eagerly") == 1
     again = compiled_step.compile_iteration(model, frozen(model), "digits", dict(settings), 8)
     assert again is future
+    alive = weakref.ref(frozen(model))  # the failure kept with the lane holds no model
+    del model
+    gc.collect()
+    assert alive() is None
 
 
 def test_only_the_models_own_settings_are_compiled(monkeypatch) -> None:  # type: ignore[no-untyped-def]

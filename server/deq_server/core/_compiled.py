@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,9 @@ class CompiledIteration:
         if not all(isinstance(a, Tensor) and a.dim() > 0 for a in args):
             raise TypeError("a compiled iteration takes batch-first tensor arguments only")
         self.method, self.stop_mode, self.divergence = method, stop_mode, divergence
-        self._owner = getattr(f, "__self__", f)  # the model (or function) it was made for
+        # the model (or function) it was made for, weakly: a cache keyed by the model may hold
+        # this program, which must not keep the model alive
+        self._owner = weakref.ref(getattr(f, "__self__", f))
         self.dtype, self.device = z.dtype, z.device
         self.width, self.n_args = z.shape[1:].numel(), len(args)
         # two example rows: torch.export specialises a dimension it sees as 1
@@ -132,7 +135,7 @@ class CompiledIteration:
     ) -> bool:
         """Whether this program computes `_advance` for this f, settings and tensors."""
         return (
-            getattr(f, "__self__", f) is self._owner
+            getattr(f, "__self__", f) is self._owner()
             and method == self.method
             and stop_mode == self.stop_mode
             and z.dtype == self.dtype

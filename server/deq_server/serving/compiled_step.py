@@ -89,8 +89,9 @@ def _serve() -> None:
         future, *work = _queue.get()
         try:
             future.set_result(_build(*work))
-        except Exception as exc:
-            future.set_exception(exc)
+        except Exception as exc:  # logged by _build; its traceback would hold the models
+            future.set_exception(exc.with_traceback(None))
+        del future, work  # while this thread waits for the next job, it holds no model
 
 
 def _settings(shared: dict[str, Any]) -> dict[str, Any]:
