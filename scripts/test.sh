@@ -37,15 +37,16 @@ python -m mypy server/deq_server/core
 python -m mypy --strict client/deq_client
 # The deployment tests run real programs: a Docker engine and docker-compose (the image and the
 # compose stack), debootstrap (their local base image, since no image registry is reachable), and
-# Prometheus with promtool (the dashboard's and the alerts' queries, the rules' unit tests).
+# Prometheus with promtool (the dashboard's and the alerts' queries, the rules' unit tests). The
+# compiled-step tests need a C++ compiler (torch's code generation calls g++).
 missing=""
-for tool in dockerd docker-compose debootstrap prometheus promtool; do
+for tool in dockerd docker-compose debootstrap prometheus promtool g++; do
   command -v "$tool" > /dev/null || missing="$missing $tool"
 done
 if [ -n "$missing" ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-    docker.io docker-compose debootstrap prometheus > /dev/null
+    docker.io docker-compose debootstrap prometheus g++ > /dev/null
 fi
 # Start an engine in the background unless one answers; it stops with this script. If it cannot
 # start, the Docker tests are reported as SKIPPED with the reason (pytest -ra), never passed.

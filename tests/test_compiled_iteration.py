@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import subprocess
+import threading
 import weakref
 from concurrent.futures import Future
 from typing import Any
@@ -223,3 +224,51 @@ def test_only_the_models_own_settings_are_compiled(monkeypatch) -> None:  # type
     assert asked == [
         {k: v for k, v in model.solver_options().items() if k not in ("tol", "max_iter")}
     ]
+
+
+def test_a_compile_waiting_its_turn_holds_no_model(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Compiles run one at a time; a model unloaded while its compile waits (a burst of Train
+    commits, say) is freed, and its compile ends with a LookupError instead of running."""
+    gate, started = threading.Event(), threading.Event()
+
+    def held(*args: Any) -> CompiledIteration:
+        started.set()
+        gate.wait(COMPILE_TIMEOUT_S)
+        raise RuntimeError("held")
+
+    monkeypatch.setattr(compiled_step, "_build", held)
+    settings = {"method": "anderson", "stop_mode": "rel"}
+    first = served()
+    busy = compiled_step.compile_iteration(first, frozen(first), "first", settings, 8)
+    assert started.wait(COMPILE_TIMEOUT_S)  # the one compile thread is now busy with `first`
+    model = served()
+    waiting = compiled_step.compile_iteration(model, frozen(model), "second", settings, 8)
+    alive = weakref.ref(frozen(model))
+    del model
+    gc.collect()
+    assert alive() is None
+    gate.set()
+    assert isinstance(busy.exception(timeout=COMPILE_TIMEOUT_S), RuntimeError)
+    assert isinstance(waiting.exception(timeout=COMPILE_TIMEOUT_S), LookupError)
+
+
+def test_fits_names_what_the_program_was_made_for() -> None:
+    """One program, one check per setting it was built for (no compile per case: `fits` only)."""
+    model = served().frozen()
+    program = compiled(model, "anderson", max_rows=4)
+    x = X[:3]
+    with torch.no_grad():
+        z, inj = model.init_state(x), model.inject(x)
+    anderson = make_method("anderson")
+    assert program.fits(model.cell, anderson, z, [inj], "rel")
+    assert not program.fits(served().frozen().cell, anderson, z, [inj], "rel")  # another model
+    assert not program.fits(model.cell, make_method("picard"), z, [inj], "rel")
+    assert not program.fits(model.cell, make_method("anderson", m=3), z, [inj], "rel")
+    assert not program.fits(model.cell, anderson, z, [inj], "abs")
+    assert not program.fits(model.cell, anderson, z.float(), [inj.float()], "rel")
+    big = X[:5]
+    with torch.no_grad():
+        assert not program.fits(
+            model.cell, anderson, model.init_state(big), [model.inject(big)], "rel"
+        )
+    assert not program.fits(model.cell, anderson, z, [inj[:2]], "rel")  # args of other rows

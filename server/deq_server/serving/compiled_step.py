@@ -47,7 +47,16 @@ COMPILE_TIMEOUT_S = 600.0
 _JOB, _PACKAGE = "job.json", "iteration.pt2"
 _PARENT = "DEQ_COMPILE_PARENT"  # the child checks that its parent is still this server
 
-_Work = tuple[Future[CompiledIteration], DEQModel, DEQModel, str, dict[str, Any], int]
+# (future, served model, frozen model, name, settings, row cap); the models held weakly, so that
+# versions unloaded while their compile waits its turn (a burst of Train commits, say) are freed
+_Work = tuple[
+    Future[CompiledIteration],
+    weakref.ref[DEQModel],
+    weakref.ref[DEQModel],
+    str,
+    dict[str, Any],
+    int,
+]
 _queue: queue.Queue[_Work] = queue.Queue()
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
@@ -70,7 +79,7 @@ def compile_iteration(
         if key in known:
             return known[key]
         future = known[key] = Future()
-        _queue.put((future, served, model, name, dict(shared), max_rows))
+        _queue.put((future, weakref.ref(served), weakref.ref(model), name, dict(shared), max_rows))
         if _thread is None:  # one waiting thread per process, a daemon: exit never waits on it
             _thread = threading.Thread(target=_serve, name="deq-compile", daemon=True)
             _thread.start()
@@ -86,12 +95,15 @@ def ready(future: Future[CompiledIteration] | None) -> CompiledIteration | None:
 
 def _serve() -> None:
     while True:
-        future, *work = _queue.get()
+        future, served_ref, model_ref, name, shared, max_rows = _queue.get()
+        served, model = served_ref(), model_ref()
         try:
-            future.set_result(_build(*work))
+            if served is None or model is None:
+                raise LookupError(f"model {name} was unloaded before its compile started")
+            future.set_result(_build(served, model, name, shared, max_rows))
         except Exception as exc:  # logged by _build; its traceback would hold the models
             future.set_exception(exc.with_traceback(None))
-        del future, work  # while this thread waits for the next job, it holds no model
+        del future, served, model  # while this thread waits for the next job, it holds no model
 
 
 def _settings(shared: dict[str, Any]) -> dict[str, Any]:
