@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -56,3 +58,33 @@ def test_bulk_equals_one_by_one(first: list[float], second: list[float], buckets
     one.remove("a")
     many.remove("a")
     assert not any(dict(labels).get("model") == "a" for _, labels in exposition(bulk))
+
+
+@given(
+    observations=st.lists(
+        st.tuples(st.sampled_from(["a", "b"]), st.floats(min_value=0, max_value=20)), max_size=80
+    ),
+    fold_at=st.sampled_from([1, 3, 1024]),
+)
+def test_single_observations_equal_one_by_one(
+    observations: list[tuple[str, float]], fold_at: int
+) -> None:
+    """`observe` queues and folds (at FOLD_AT, and on every read) to what prometheus_client's
+    Histogram shows for the same values, whenever the folds happen."""
+    reference, bulk = CollectorRegistry(), CollectorRegistry()
+    one = Histogram("h", "doc", ["model"], buckets=ITERATIONS, registry=reference)
+    many = BulkHistogram("h", "doc", ["model"], buckets=ITERATIONS, registry=bulk)
+    with patch("deq_server.serving.bulk_histogram.FOLD_AT", fold_at):
+        for label, value in observations:
+            one.labels(label).observe(value)
+            many.observe((label,), value)
+    mine, theirs = exposition(bulk), exposition(reference)
+    same(mine, theirs)
+
+
+def test_remove_takes_queued_observations_with_it() -> None:
+    bulk = CollectorRegistry()
+    many = BulkHistogram("h", "doc", ["model"], buckets=ITERATIONS, registry=bulk)
+    many.observe(("a",), 1.0)
+    many.remove("a")  # the queued value belongs to the removed series: it must not revive it
+    assert exposition(bulk) == {}

@@ -184,22 +184,22 @@ class BatchLane:
         with torch.no_grad():
             y = self.model.head(result.z)
             status = nonfinite_outputs(y, result.status).cpu()
-        y, z = y.cpu(), result.z.cpu()
-        iterations, residual = result.iterations.cpu(), result.residual.cpu()
-        solve_seconds, rows = time.monotonic() - batch.start, z.shape[0]
-        offset = 0
-        for ticket in batch.tickets:
-            part = slice(offset, offset + ticket.rows)
-            offset += ticket.rows
-            piece = SolveResult(
-                z=z[part],
-                iterations=iterations[part],
-                residual=residual[part],
-                status=status[part],
-                steps=result.steps,
-            )
+        solve_seconds, rows = time.monotonic() - batch.start, result.z.shape[0]
+        # each tensor cut into the requests' rows by one split (views), not a slice per request
+        sizes = [ticket.rows for ticket in batch.tickets]
+        parts = zip(
+            *(
+                t.cpu().split(sizes)
+                for t in (y, result.z, result.iterations, result.residual, status)
+            ),
+            strict=True,
+        )
+        for ticket, (y_part, z, iterations, residual, status_part) in zip(
+            batch.tickets, parts, strict=True
+        ):
+            piece = SolveResult(z, iterations, residual, status_part, result.steps)
             queued = batch.start - ticket.job.submitted
-            ticket.outcome = SolveOutcome(y[part], piece, queued, solve_seconds, rows)
+            ticket.outcome = SolveOutcome(y_part, piece, queued, solve_seconds, rows)
         return batch.tickets
 
     def fail(self, exc: BaseException) -> list[Ticket]:

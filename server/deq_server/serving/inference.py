@@ -67,9 +67,8 @@ class _Recorder:
     def __call__(self, outcomes: list[SolveOutcome]) -> None:  # on the engine thread
         results = [outcome.result for outcome in outcomes]
         self.metrics.record_solves(self.model, self.method, "forward", results)
-        queued = self.metrics.model(self.model).queue_seconds
-        for outcome in outcomes:
-            queued.observe(outcome.queue_seconds)
+        queued = np.fromiter((o.queue_seconds for o in outcomes), np.float64, len(outcomes))
+        self.metrics.model(self.model).queued(queued)
 
 
 def deadline_margin(time_remaining: float) -> float:
@@ -101,9 +100,7 @@ class Inference:
         finally:
             # Unknown names share one label value: clients must not mint new series.
             label = call.model if call.model in self.registry.models else "unknown"
-            series = self.metrics.model(label)
-            series.requests(code.name).inc()
-            series.request_seconds.observe(time.monotonic() - start)
+            self.metrics.model(label).request_done(code.name, time.monotonic() - start)
 
     def _inputs(
         self, call: InferCall, sample: tuple[int, ...], state: tuple[int, ...]
@@ -150,15 +147,15 @@ class Inference:
             model_name=name,
             on_solved=_Recorder(self.metrics, name, method),
         )
-        gauge = self.metrics.model(name).pending
-        gauge.inc()
+        series = self.metrics.model(name)
+        series.in_flight += 1
         try:
             outcome = await self.scheduler.submit(job)
         except asyncio.CancelledError:
             job.cancelled.set()  # the caller left: stop the solve within one iteration
             raise
         finally:
-            gauge.dec()
+            series.in_flight -= 1
         result = outcome.result
         status = result.status.numpy()
         hit_deadline = deadline is not None and time.monotonic() >= deadline

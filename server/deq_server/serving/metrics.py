@@ -2,14 +2,16 @@
 
 Facts are recorded where they are born: per-sample iterations, residuals and statuses when a solve
 returns, request outcomes when the response (or error) leaves. `GrpcMetricsInterceptor` adds the
-go-grpc-prometheus series for every RPC kind, streams included.
+go-grpc-prometheus series for every RPC kind, streams included. The series every request touches
+are bulk ones (`BulkCounter`, `BulkHistogram`): an increment or an observation is a queue append,
+folded when read, so the event loop pays no lock and no bucket search per request.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -23,9 +25,12 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from deq_server.core import SolveResult, Status
 
+from .bulk_counter import BulkCounter
 from .bulk_histogram import BulkHistogram
 from .device_metrics import DeviceMemoryCollector
 
@@ -59,38 +64,28 @@ BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class ModelSeries:
-    """One model's per-request series, their labelled children looked up once (a `labels` call
-    takes a lock and a dict lookup: several per request otherwise, on the event loop and on the
-    engine thread)."""
+    """One model's per-request series: what a request records, and the labelled children of the
+    per-turn series looked up once (a `labels` call takes a lock and a dict lookup)."""
 
     def __init__(self, metrics: Metrics, model: str) -> None:
         self._metrics, self.model = metrics, model
-        self._requests: dict[str, Any] = {}
+        self._labels = (model,)
+        # deq_inference_pending_requests: changed on the event loop only, read when scraped
+        self.in_flight = 0
         self._samples: dict[int, Any] = {}
 
-    # each child made when first used: a series exists only once something is recorded in it
-    @functools.cached_property
-    def pending(self) -> Any:
-        return self._metrics.pending.labels(self.model)
+    def request_done(self, code: str, seconds: float) -> None:
+        """One request's outcome (a status code name) and latency."""
+        self._metrics.requests.inc((self.model, code))
+        self._metrics.request_seconds.observe(self._labels, seconds)
 
-    @functools.cached_property
-    def request_seconds(self) -> Any:
-        return self._metrics.request_seconds.labels(self.model)
-
-    @functools.cached_property
-    def queue_seconds(self) -> Any:
-        return self._metrics.queue_seconds.labels(self.model)
+    def queued(self, seconds: np.ndarray) -> None:
+        """How long each of several requests waited for the solver."""
+        self._metrics.queue_seconds.observe_many(self._labels, seconds)
 
     @functools.cached_property
     def batch_size(self) -> Any:
         return self._metrics.batch_size.labels(self.model)
-
-    def requests(self, code: str) -> Any:
-        """The deq_inference_requests_total child of a status code name."""
-        child = self._requests.get(code)
-        if child is None:
-            child = self._requests[code] = self._metrics.requests.labels(self.model, code)
-        return child
 
     def samples(self, status: int) -> Any:
         """The deq_solver_samples_total child of a `Status` value."""
@@ -112,20 +107,20 @@ class Metrics:
         PlatformCollector(registry=r)
         GCCollector(registry=r)
         r.register(DeviceMemoryCollector())
-        self.requests = Counter(
+        self.requests = BulkCounter(
             "deq_inference_requests",
             "Inference requests by outcome.",
             ["model", "code"],
             registry=r,
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = BulkHistogram(
             "deq_inference_request_duration_seconds",
             "Inference request latency.",
             ["model"],
             buckets=SECONDS,
             registry=r,
         )
-        self.queue_seconds = Histogram(
+        self.queue_seconds = BulkHistogram(
             "deq_inference_queue_duration_seconds",
             "Time requests wait for the solver.",
             ["model"],
@@ -156,12 +151,9 @@ class Metrics:
         self.batch_size = Histogram(
             "deq_batch_size", "Samples per solver batch.", ["model"], buckets=BATCH, registry=r
         )
-        self.pending = Gauge(
-            "deq_inference_pending_requests",
-            "Requests waiting for or in the solver.",
-            ["model"],
-            registry=r,
-        )
+        # deq_inference_pending_requests: each served model's ModelSeries.in_flight
+        self._served: set[str] = set()
+        r.register(_PendingRequests(self._models, self._served))
         self.train_steps = Counter(
             "deq_train_steps", "Optimizer steps taken by training sessions.", ["model"], registry=r
         )
@@ -180,7 +172,7 @@ class Metrics:
         """A version is served: its deq_model_info series, and the model's pending gauge at 0
         from now on (an autoscaler reading it sees idle replicas, not missing series)."""
         self.model_info.labels(model, version, device).set(1)
-        self.pending.labels(model)
+        self._served.add(model)
 
     def model(self, model: str) -> ModelSeries:
         """`model`'s per-request series (the same object until `forget_model`)."""
@@ -193,6 +185,7 @@ class Metrics:
         """Remove every series labelled with `model` (an unloaded model's series would otherwise
         be exported for as long as the process lives)."""
         self._models.pop(model, None)
+        self._served.discard(model)
         per_model: list[tuple[Any, tuple[str, ...]]] = [
             (self.requests, ("model", "code")),
             (self.request_seconds, ("model",)),
@@ -201,7 +194,6 @@ class Metrics:
             (self.residual, ("model", "phase")),
             (self.samples, ("model", "status")),
             (self.batch_size, ("model",)),
-            (self.pending, ("model",)),
             (self.train_steps, ("model",)),
             (self.train_loss, ("model",)),
             (self.model_info, ("model", "version", "device")),
@@ -244,14 +236,11 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["grpc_type", "grpc_service", "grpc_method"]
-        self.started = Counter("grpc_server_started", "RPCs started.", labels, registry=registry)
-        self.handled = Counter(
-            "grpc_server_handled",
-            "RPCs completed, by code.",
-            [*labels, "grpc_code"],
-            registry=registry,
+        self.started = BulkCounter("grpc_server_started", "RPCs started.", labels, registry)
+        self.handled = BulkCounter(
+            "grpc_server_handled", "RPCs completed, by code.", [*labels, "grpc_code"], registry
         )
-        self.seconds = Histogram(
+        self.seconds = BulkHistogram(
             "grpc_server_handling_seconds",
             "RPC handling time.",
             labels,
@@ -315,26 +304,31 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    def _series(self, labels: tuple[str, str, str]) -> tuple[Any, Callable[[float, str], None]]:
-        """One method's `started` counter and the call that records an RPC's end: the labelled
-        children looked up once per method (and code), not per RPC."""
-        started, seconds = self.started.labels(*labels), self.seconds.labels(*labels)
-        handled: dict[str, Any] = {}
+    def _series(
+        self, labels: tuple[str, str, str]
+    ) -> tuple[Callable[[], None], Callable[[float, str], None]]:
+        """The calls that record one method's RPC start and end (the label tuples made once per
+        method and code, not per RPC)."""
+        started, handled, seconds = self.started, self.handled, self.seconds
+        by_code: dict[str, tuple[str, ...]] = {}
+
+        def start() -> None:
+            started.inc(labels)
 
         def finish(start: float, code: str) -> None:
-            counter = handled.get(code)
-            if counter is None:
-                counter = handled[code] = self.handled.labels(*labels, code)
-            counter.inc()
-            seconds.observe(time.perf_counter() - start)
+            key = by_code.get(code)
+            if key is None:
+                key = by_code[code] = (*labels, code)
+            handled.inc(key)
+            seconds.observe(labels, time.perf_counter() - start)
 
-        return started, finish
+        return start, finish
 
     def _wrap_unary(self, behaviour: Any, labels: tuple[str, str, str]) -> Any:
         started, finish = self._series(labels)
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started.inc()
+            started()
             start, failed = time.perf_counter(), None
             try:
                 return await behaviour(request, context)
@@ -350,7 +344,7 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         started, finish = self._series(labels)
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            started.inc()
+            started()
             start, failed = time.perf_counter(), None
             try:
                 result = behaviour(request, context)
@@ -378,3 +372,23 @@ def _code(context: grpc.aio.ServicerContext, failed: BaseException | None) -> st
     if isinstance(failed, BaseException) and type(failed).__name__ == "CancelledError":
         return "CANCELLED"
     return "UNKNOWN"
+
+
+class _PendingRequests(Collector):
+    """deq_inference_pending_requests{model}: each served model's requests waiting for or in
+    the solver, read from its `ModelSeries` when scraped (at 0 from the moment it is served, so
+    an autoscaler sees idle replicas, not missing series)."""
+
+    def __init__(self, models: dict[str, ModelSeries], served: set[str]) -> None:
+        self._models, self._served = models, served
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "deq_inference_pending_requests",
+            "Requests waiting for or in the solver.",
+            labels=["model"],
+        )
+        for model in sorted(self._served):
+            series = self._models.get(model)
+            family.add_metric([model], 0 if series is None else series.in_flight)
+        yield family

@@ -130,24 +130,45 @@ def input_tensor(request: oip.ModelInferRequest) -> WireTensor:
     return WireTensor(wire.code, tuple(tensor.shape), data)
 
 
+# Output metadata by the output's shape: the same four messages for every response of a model
+# and batch size. A message handed to a constructor is copied, so these are never changed.
+_METAS: dict[tuple[int, ...], dict[str, oip.ModelInferResponse.InferOutputTensor]] = {}
+_METAS_KEPT = 256  # shapes; past that the table starts over (a few per model in practice)
+
+
+def _output_metas(shape: tuple[int, ...]) -> dict[str, oip.ModelInferResponse.InferOutputTensor]:
+    metas = _METAS.get(shape)
+    if metas is None:
+        if len(_METAS) >= _METAS_KEPT:
+            _METAS.clear()
+        per_sample = list(shape[:1])
+        metas = _METAS[shape] = {
+            name: oip.ModelInferResponse.InferOutputTensor(
+                name=name, datatype=datatype, shape=list(shape) if name == "output" else per_sample
+            )
+            for name, datatype in OUTPUTS.items()
+        }
+    return metas
+
+
 def response_outputs(
     answer: Answer,
 ) -> dict[str, tuple[oip.ModelInferResponse.InferOutputTensor, bytes]]:
     """Every output of an answer as OIP metadata and raw little-endian bytes."""
+    output = answer.output
+    if output.dtype != torch.float32:
+        output = output.to(torch.float32)
     values = {
-        "output": answer.output.to(torch.float32).numpy(),
+        "output": output.numpy(),
         "iterations": answer.iterations,
         "residual": answer.residual,
         "status": answer.status,
     }
-    produced = {}
-    for name, datatype in OUTPUTS.items():
-        array = np.asarray(values[name], dtype=_NUMPY[datatype])
-        meta = oip.ModelInferResponse.InferOutputTensor(
-            name=name, datatype=datatype, shape=list(array.shape)
-        )
-        produced[name] = meta, np.ascontiguousarray(array).tobytes()
-    return produced
+    metas = _output_metas(values["output"].shape)
+    return {
+        name: (metas[name], np.ascontiguousarray(values[name], dtype=_NUMPY[datatype]).tobytes())
+        for name, datatype in OUTPUTS.items()
+    }
 
 
 class OIPServicer(oip_grpc.GRPCInferenceServiceServicer):
