@@ -7,6 +7,11 @@ import os
 import pytest
 import torch
 
+# `--compile-step auto` compiles where a C++ compiler is found (here: scripts/test.sh installs
+# g++): every server a test starts would build its programs in a child process, 5-11 s of a core
+# each. Servers in tests (in process or not) solve eagerly unless a test asks for compiling.
+os.environ["DEQ_COMPILE_STEP"] = "off"
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

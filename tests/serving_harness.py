@@ -15,7 +15,8 @@ import grpc
 from deq_server.serving.app import RunningServer, start_server
 from deq_server.serving.config import ServerConfig
 
-LOOPBACK = ServerConfig(address="127.0.0.1:0", metrics_address="127.0.0.1:0")
+# compile step off: see conftest (tests that compile ask for it)
+LOOPBACK = ServerConfig(address="127.0.0.1:0", metrics_address="127.0.0.1:0", compile_step="off")
 
 
 @contextmanager

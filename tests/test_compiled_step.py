@@ -96,9 +96,9 @@ def test_a_cell_the_compiler_cannot_take_runs_eagerly() -> None:
 def test_a_server_with_compiled_steps_answers_as_one_without(tmp_path) -> None:  # type: ignore[no-untyped-def]
     x = load_digits().data[:3].astype(np.float32)
     answers = []
-    for compile_step in (False, True):
+    for compile_step in ("off", "on"):
         with (
-            running_server(model_dir=tmp_path / str(compile_step), compile_step=compile_step) as s,
+            running_server(model_dir=tmp_path / compile_step, compile_step=compile_step) as s,
             DEQClient(f"127.0.0.1:{s.port}", timeout=300) as client,
         ):
             answers.append(client.infer("digits", x, tol=1e-5))

@@ -233,3 +233,24 @@ def test_the_server_process_refuses_a_bad_variable_in_one_line():
     assert result.stderr.splitlines() == [
         "deq-server: error: DEQ_MAX_BATCH: expected an integer, got 'abc' (see deq-server --help)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        ([], {}, "auto"),
+        (["--compile-step"], {}, "on"),  # a bare flag means on, as it always did
+        (["--compile-step", "off"], {}, "off"),
+        (["--compile-step=auto"], {"DEQ_COMPILE_STEP": "on"}, "auto"),  # the flag wins
+        ([], {"DEQ_COMPILE_STEP": "1"}, "on"),  # boolean spellings still work
+        ([], {"DEQ_COMPILE_STEP": "false"}, "off"),
+        ([], {"DEQ_COMPILE_STEP": " Auto "}, "auto"),
+    ],
+)
+def test_compile_step_is_auto_on_or_off(argv, env, expected):
+    assert parse_config(argv, env=env).compile_step == expected
+
+
+@pytest.mark.parametrize("text", ["maybe", "2", "yes please"])
+def test_compile_step_refuses_other_words_as_flag_and_variable(capsys, text):
+    assert_refused_both_ways(capsys, "compile_step", text)

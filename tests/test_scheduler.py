@@ -10,7 +10,7 @@ import torch
 
 from deq_server.core import Status, load_checkpoint
 from deq_server.models import bundled_checkpoints
-from deq_server.serving.app import scheduler_for
+from deq_server.serving.app import compile_step_for, scheduler_for
 from deq_server.serving.config import ServerConfig
 from deq_server.serving.engine import ContinuousScheduler, RequestScheduler
 from deq_server.serving.scheduler import SolveJob, batch_key
@@ -147,3 +147,24 @@ def test_auto_picks_request_batching_on_a_cpu_and_continuous_on_a_gpu():
     for chosen in ("request", "continuous"):  # a named scheduler is what runs, anywhere
         assert scheduler_for(ServerConfig(scheduler=chosen), cpu) == chosen
         assert scheduler_for(ServerConfig(scheduler=chosen), gpu) == chosen
+
+
+def test_auto_compiles_on_a_cpu_with_the_request_scheduler_and_a_compiler(monkeypatch, tmp_path):
+    """--compile-step auto: on only where it measured faster (a CPU, request-level lanes) and a
+    C++ compiler can build the programs; on and off are what they say, anywhere."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    fake = tmp_path / "fake-g++"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))  # the compiler AOTInductor would call
+    assert compile_step_for(ServerConfig(), cpu) == (
+        True,
+        f"on (auto: CPU, request scheduler, {fake})",
+    )
+    assert not compile_step_for(ServerConfig(), gpu)[0]
+    assert not compile_step_for(ServerConfig(scheduler="continuous"), cpu)[0]
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert compile_step_for(ServerConfig(), cpu) == (False, "off (auto: no C++ compiler on PATH)")
+    for device in (cpu, gpu):
+        assert compile_step_for(ServerConfig(compile_step="on"), device) == (True, "on")
+        assert compile_step_for(ServerConfig(compile_step="off"), device) == (False, "off")

@@ -27,6 +27,7 @@ def test_one_start_line_and_one_final_line(caplog, tmp_path):
         assert f"model dir {tmp_path}" in line
         assert "device cpu (float32)" in line
         assert "scheduler request" in line
+        assert "compile step off" in line
         assert line.endswith("models: digits v1")
     final = messages(caplog)[-1]
     assert final.startswith("stopped: drained 0 call(s) in flight at shutdown")

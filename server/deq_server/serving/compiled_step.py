@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import weakref
 from concurrent.futures import Future
 from pathlib import Path
@@ -58,6 +59,21 @@ _Work = tuple[
     int,
 ]
 _queue: queue.Queue[_Work] = queue.Queue()
+
+
+def cpp_compiler() -> str | None:
+    """Where the C++ compiler AOTInductor calls is (its choice: $CXX, else g++; clang++ on
+    macOS), or None when there is none: without one no program can be built."""
+    name = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    return shutil.which(name)
+
+
+def preload() -> None:
+    """Import the program loader now: about a second holding the GIL, better spent while the
+    server starts than when the first program arrives with requests in flight."""
+    import torch._inductor  # noqa: F401
+
+
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
 # per frozen model (kept while it is served), its programs by settings: a lane dropped when idle
@@ -86,6 +102,19 @@ def compile_iteration(
     return future
 
 
+def wait_idle(timeout: float) -> bool:
+    """Wait until no compile is queued or running (a benchmark's warm-up, say); False if some
+    still is after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    with _queue.all_tasks_done:
+        while _queue.unfinished_tasks:
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            _queue.all_tasks_done.wait(left)
+    return True
+
+
 def ready(future: Future[CompiledIteration] | None) -> CompiledIteration | None:
     """The compiled iteration once it is built, else None (not yet, or never)."""
     if future is None or not future.done() or future.exception() is not None:
@@ -104,6 +133,7 @@ def _serve() -> None:
         except Exception as exc:  # logged by _build; its traceback would hold the models
             future.set_exception(exc.with_traceback(None))
         del future, served, model  # while this thread waits for the next job, it holds no model
+        _queue.task_done()
 
 
 def _settings(shared: dict[str, Any]) -> dict[str, Any]:

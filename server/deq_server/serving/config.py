@@ -43,7 +43,7 @@ class ServerConfig:
     workers: int = 1
     scheduler: str = "auto"
     max_batch_slots: int = 256
-    compile_step: bool = False
+    compile_step: str = "auto"
     torch_threads: int = 0
     processes: int = 1
     grace_seconds: float = 10.0
@@ -83,7 +83,7 @@ _HELP = {
     "workers": "request-level batches that may solve at once per model version and method (stepped in turn on the one engine thread; solver work never runs on the event loop)",
     "scheduler": "continuous (samples join and leave the solver batch every iteration), request (a batch runs until its slowest sample is done) or auto (request on a CPU, where it measured faster; continuous on a GPU)",
     "max_batch_slots": "solver slots per model version and method setting (continuous scheduler)",
-    "compile_step": "compile the solver's iterations with torch.compile: the request scheduler's with a dynamic batch size, the continuous one's per bucket of busy slots (1, 4, 16, ...); each compiled on first use (seconds on a CPU); a cell the continuous one cannot compile runs eagerly",
+    "compile_step": "compile the solver's iterations: on, off, or auto (on where it measured faster: a CPU with the request scheduler and a C++ compiler on PATH); the request scheduler's lanes run their iteration as one AOTInductor program built in a child process on first use, the continuous scheduler's slot step is torch.compile'd per bucket of busy slots; a flag without a value means on",
     "torch_threads": "CPU threads per torch op (0: half the cores, the rest for gRPC and Python; with --processes, that half split between them)",
     "processes": "full server processes sharing the gRPC port (SO_REUSEPORT; the kernel spreads connections, so a client gains with several connections) behind one /metrics with a process label; more than 1 implies --model-control poll, so that one's Train commit reaches the others",
     "grace_seconds": "how long in-flight calls may finish after SIGTERM",
@@ -98,6 +98,7 @@ _CHOICES = {
     "dtype": ["float32", "float64"],
     "log_format": ["text", "json"],
     "scheduler": ["auto", "continuous", "request"],
+    "compile_step": ["auto", "on", "off"],
     "model_control": ["none", "poll"],
 }
 _INT32_MAX = 2**31 - 1
@@ -170,6 +171,16 @@ def _flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false (1 or 0), got {text!r}")
 
 
+def _switch(text: str) -> str:
+    """auto, or on/off written as a boolean flag's value (DEQ_COMPILE_STEP=1 means on)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return "on" if _flag(text) else "off"
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}") from None
+
+
 def _at_least(low: int, high: int | None = None) -> Callable[[str], Any]:
     return _number(int, low=low, high=float("inf") if high is None else high)
 
@@ -202,6 +213,7 @@ _TYPES: dict[str, Callable[[str], Any]] = {
     "max_batch_slots": _at_least(1),
     "torch_threads": _at_least(0),
     "processes": _at_least(1, 64),
+    "compile_step": _switch,
     "grace_seconds": _number(float, low=0, what="a finite number of seconds"),
 }
 
@@ -224,6 +236,9 @@ def default_model_dir(env: Mapping[str, str]) -> Path:
     root = Path(base) if os.path.isabs(base) else Path.home() / ".local" / "share"
     return root / "deq-serve" / "models"
 
+
+# Flags that may come without a value, and what they mean then (`--compile-step`: on).
+_BARE = {"compile_step": "on"}
 
 # Defaults that depend on the environment, as --help shows them.
 _SHOWN_DEFAULTS = {
@@ -268,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=argparse.SUPPRESS,  # unset flags fall back to DEQ_*, then the default
             choices=_CHOICES.get(f.name),
             help=text,
+            **({"nargs": "?", "const": _BARE[f.name]} if f.name in _BARE else {}),
         )
     return parser
 

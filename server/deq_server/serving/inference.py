@@ -88,6 +88,8 @@ class Inference:
         self.metrics = metrics
         self.config = config
         self._np_dtype = torch.empty((), dtype=registry.dtype).numpy().dtype
+        # one recorder per model and method, not one per request (the engine groups by them)
+        self._recorders: dict[tuple[str, str], _Recorder] = {}
 
     async def run(self, call: InferCall, time_remaining: float | None) -> Answer:
         """`_run` plus the request counter and latency histogram, for every protocol."""
@@ -118,6 +120,14 @@ class Inference:
             z0 = validate.cast_array(z0, self._np_dtype, "initial_state.data")
         return x, z0
 
+    def _recorder(self, model: str, method: str) -> _Recorder:
+        recorder = self._recorders.get((model, method))
+        if recorder is None:
+            if len(self._recorders) >= 1024:  # models come and go: never grow without bound
+                self._recorders.clear()
+            recorder = self._recorders[model, method] = _Recorder(self.metrics, model, method)
+        return recorder
+
     async def _run(self, call: InferCall, time_remaining: float | None, received: float) -> Answer:
         name = call.model
         _, version = self.registry.resolve(name, call.version)
@@ -145,7 +155,7 @@ class Inference:
             budget_deadline=budget,
             submitted=received,
             model_name=name,
-            on_solved=_Recorder(self.metrics, name, method),
+            on_solved=self._recorder(name, method),
         )
         series = self.metrics.model(name)
         series.in_flight += 1
