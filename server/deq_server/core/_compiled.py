@@ -8,9 +8,9 @@ from C++ (about 20 us). The program is functional: it takes the active rows' ten
 the updated ones, and `BatchSolve` rebinds them. The answers are the eager ones up to the
 rounding of fused arithmetic (tests: float64).
 
-Compiling takes seconds and a C++ compiler, so it is opt-in (`--compile-step`); the serving
-layer compiles in a child process (`package`: where the program is written, then loaded from),
-solving eagerly meanwhile.
+Compiling takes seconds and a C++ compiler; the serving layer (`--compile-step`, on by default on
+a CPU that has a compiler) compiles in a child process (`package`: where the program is written,
+then loaded from), solving eagerly meanwhile.
 """
 
 from __future__ import annotations

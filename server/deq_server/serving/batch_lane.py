@@ -5,8 +5,9 @@ the queued requests, FIFO, up to `max_batch` rows (the first one whatever its si
 them as one `BatchSolve`: per-row tolerances and caps, so each sample still retires at its own,
 but the batch answers when its slowest sample retires. The engine steps the batch one iteration
 per turn, so a long batch never holds up the other lanes. Every method can run here (broyden,
-whose state is not row-local, runs only here). With `--compile-step` a lane runs its iterations
-as one compiled program once `compiled_step` has built it (eagerly until then).
+whose state is not row-local, runs only here). With `--compile-step` (by default on a CPU with a
+C++ compiler) a lane runs its iterations as one compiled program once `compiled_step` has built
+it (eagerly until then).
 """
 
 from __future__ import annotations
