@@ -84,7 +84,7 @@ async def serve(kind: str) -> None:
         config = parse_config(
             ["--address=127.0.0.1:0", "--metrics-address=127.0.0.1:0", "--model-dir="]
         )
-        running = await start_server(config)
+        running = await start_server(config, freeze_imports=True)  # as deq-server does
         port, stop = running.port, running.stop
         compiled, compile_step = compile_step_for(config, running.registry.device)
         if compiled:  # one request makes the lane, which queues its compile: wait for it
