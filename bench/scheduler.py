@@ -129,6 +129,9 @@ def start(model_dir: Path, scheduler: str, slots: int) -> tuple[subprocess.Popen
         f"--scheduler={scheduler}",
         f"--max-batch-slots={slots}",
         "--max-queue=100000",
+        # the two schedulers as such, both eager (auto would compile the request scheduler's
+        # iteration during the warm-up; bench/serving.py measures the compiled default)
+        "--compile-step=off",
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, port, metrics_port
