@@ -9,7 +9,7 @@ Layouts alternate for `--rounds` rounds, since this VM's speed drifts. OIP Model
 digits sample per request, tol 1e-4. Server CPU is summed over the server's processes.
 
     python bench/processes.py [--processes 1 2] [--concurrency 1 64] [--connections 8]
-        [--warmup 1]   # DEQ_* variables set the servers' configuration (DEQ_COMPILE_STEP=1, ...)
+        [--warmup 1]   # DEQ_* variables set the servers' configuration (DEQ_COMPILE_STEP=off, ...)
 
 A script, not a test: it prints a markdown table and writes the raw numbers as JSON.
 """
@@ -182,7 +182,7 @@ def main() -> None:
         "--warmup",
         type=float,
         default=1.0,
-        help="unmeasured seconds per level (DEQ_COMPILE_STEP=1: its compile)",
+        help="unmeasured seconds per level (with the compiled step, the CPU default: its compile)",
     )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
