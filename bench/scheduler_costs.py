@@ -132,6 +132,7 @@ async def serve_and_load(args: argparse.Namespace, timers: Timers) -> float:
         metrics_address="",
         max_batch_slots=args.slots,
         max_queue=100_000,
+        compile_step="off",  # the schedulers' own costs, as measured before auto compiled
     )
     running = await start_server(config)
     loop = asyncio.get_running_loop()

@@ -245,6 +245,8 @@ def test_the_server_process_refuses_a_bad_variable_in_one_line():
         ([], {"DEQ_COMPILE_STEP": "1"}, "on"),  # boolean spellings still work
         ([], {"DEQ_COMPILE_STEP": "false"}, "off"),
         ([], {"DEQ_COMPILE_STEP": " Auto "}, "auto"),
+        ([], {"DEQ_COMPILE_STEP": ""}, "auto"),  # empty: as if unset
+        (["--no-compile-step"], {"DEQ_COMPILE_STEP": "on"}, "off"),  # as when it was a bool
     ],
 )
 def test_compile_step_is_auto_on_or_off(argv, env, expected):

@@ -168,3 +168,10 @@ def test_auto_compiles_on_a_cpu_with_the_request_scheduler_and_a_compiler(monkey
     for device in (cpu, gpu):
         assert compile_step_for(ServerConfig(compile_step="on"), device) == (True, "on")
         assert compile_step_for(ServerConfig(compile_step="off"), device) == (False, "off")
+
+
+@pytest.mark.parametrize("value", [True, False, "yes", ""])
+def test_a_compile_step_made_in_code_must_be_auto_on_or_off(value) -> None:
+    """ServerConfig built in code skips the parser: a leftover bool must not pass for off."""
+    with pytest.raises(ValueError, match="auto, on or off"):
+        compile_step_for(ServerConfig(compile_step=value), torch.device("cpu"))

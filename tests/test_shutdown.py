@@ -54,6 +54,8 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(tmp_path):
         for _ in range(100_000):  # bounded: each check is an HTTP round trip to the server
             if pending(metrics_port) >= 1:
                 break
+        else:
+            pytest.fail("deq_inference_pending_requests never counted the request in flight")
         proc.send_signal(signal.SIGTERM)
         in_flight.join(timeout=60)
         assert len(answers) == 1, proc.communicate(timeout=60)[1]

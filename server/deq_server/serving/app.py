@@ -144,6 +144,8 @@ def compile_step_for(config: ServerConfig, device: torch.device) -> tuple[bool, 
     the request scheduler (a lone digits request 2.25 -> 1.75 ms p50, concurrency 16 about a
     seventh more requests/s, 64 the same), when a C++ compiler is there to build the programs.
     Off on a GPU (not measured there) and with the continuous scheduler on a CPU."""
+    if config.compile_step not in ("auto", "on", "off"):  # ServerConfig made in code, unchecked
+        raise ValueError(f"compile_step must be auto, on or off, got {config.compile_step!r}")
     if config.compile_step != "auto":
         return config.compile_step == "on", config.compile_step
     if device.type != "cpu" or scheduler_for(config, device) != "request":
@@ -216,7 +218,8 @@ async def start_server(
         # compiler too: 180-300 thousand objects) is never garbage, yet every full collection
         # walks it: a 40-80 ms pause of the event loop (measured), which at concurrency 64 made
         # a 140 ms p99. Frozen, a collection skips it. The models load after this, so an
-        # unloaded version is still collected.
+        # unloaded version is still collected. Garbage first: what is frozen is kept for good.
+        gc.collect()
         gc.freeze()
     registry = Registry(
         device,

@@ -132,8 +132,9 @@ def _serve() -> None:
             future.set_result(_build(served, model, name, shared, max_rows))
         except Exception as exc:  # logged by _build; its traceback would hold the models
             future.set_exception(exc.with_traceback(None))
+        finally:
+            _queue.task_done()  # whatever happened: wait_idle must not wait for it
         del future, served, model  # while this thread waits for the next job, it holds no model
-        _queue.task_done()
 
 
 def _settings(shared: dict[str, Any]) -> dict[str, Any]:

@@ -172,8 +172,9 @@ def _flag(text: str) -> bool:
 
 
 def _switch(text: str) -> str:
-    """auto, or on/off written as a boolean flag's value (DEQ_COMPILE_STEP=1 means on)."""
-    if text.strip().lower() == "auto":
+    """auto (also when empty, as an unset variable), or on/off written as a boolean flag's value
+    (DEQ_COMPILE_STEP=1 means on)."""
+    if text.strip().lower() in ("auto", ""):
         return "auto"
     try:
         return "on" if _flag(text) else "off"
@@ -237,8 +238,10 @@ def default_model_dir(env: Mapping[str, str]) -> Path:
     return root / "deq-serve" / "models"
 
 
-# Flags that may come without a value, and what they mean then (`--compile-step`: on).
+# Flags that may come without a value, and what they mean then (`--compile-step`: on), and
+# those with a `--no-` form (`--no-compile-step`: off), as when they were boolean flags.
 _BARE = {"compile_step": "on"}
+_NEGATED = {"compile_step": "off"}
 
 # Defaults that depend on the environment, as --help shows them.
 _SHOWN_DEFAULTS = {
@@ -285,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
             help=text,
             **({"nargs": "?", "const": _BARE[f.name]} if f.name in _BARE else {}),
         )
+        if f.name in _NEGATED:  # the boolean flag's negation, from when the field was one
+            parser.add_argument(
+                "--no-" + flag.removeprefix("--"),
+                dest=f.name,
+                action="store_const",
+                const=_NEGATED[f.name],
+                default=argparse.SUPPRESS,
+                help=f"the same as {flag} {_NEGATED[f.name]}",
+            )
     return parser
 
 
