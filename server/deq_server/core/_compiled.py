@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._rows import Observation, Rows, observe
+from ._rows import Observation, Rows, advance
 
 
 def _state_fields(state: Any) -> list[str]:
@@ -33,7 +33,7 @@ def _state_fields(state: Any) -> list[str]:
 
 
 class _Iteration(nn.Module):
-    """The traced function: `_advance`'s work on copies of its inputs, the results returned.
+    """The traced function: `advance`'s work on copies of its inputs, the results returned.
     `owner` registers f's module (a bound method's `__self__`) so that its weights are traced."""
 
     def __init__(
@@ -62,16 +62,16 @@ class _Iteration(nn.Module):
         if self.template is not None:
             own = {n: t.clone() for n, t in zip(self.fields, rest[6:], strict=True)}
             state = dataclasses.replace(self.template, **own)
-        fz = self.f(z.view(-1, *self.shape), *args).reshape(z.shape[0], -1)
-        seen = observe(rows, z, fz, self.stop_mode, self.divergence)
-        z_next = self.method.step(state, z, seen.g)
+        seen, z_next = advance(
+            self.f, self.method, z, self.shape, args, rows, state, self.stop_mode, self.divergence
+        )
         kept = [getattr(state, n) for n in self.fields]
         return (z_next, seen.g, seen.abs_res, seen.res, seen.running,
                 rows.evals, rows.first, rows.best, rows.best_z, *kept)  # fmt: skip
 
 
 class CompiledIteration:
-    """`_advance` for one f, method, stop mode, dtype and device, as an AOTInductor program.
+    """`advance` for one f, method, stop mode, dtype and device, as an AOTInductor program.
 
     Built from example rows (any count; their values do not matter); raises whatever export or
     compilation raises (a cell with data-dependent Python, no C++ compiler, ...): the caller
@@ -133,7 +133,7 @@ class CompiledIteration:
     def fits(
         self, f: Callable[..., Tensor], method: Any, z: Tensor, args: Sequence[Any], stop_mode: str
     ) -> bool:
-        """Whether this program computes `_advance` for this f, settings and tensors."""
+        """Whether this program computes `advance` for this f, settings and tensors."""
         return (
             getattr(f, "__self__", f) is self._owner()
             and method == self.method

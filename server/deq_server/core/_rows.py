@@ -10,7 +10,9 @@ arithmetic of a sample is therefore the same in both, by construction.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -99,6 +101,25 @@ def observe(rows: Rows, z: Tensor, fz: Tensor, stop_mode: str, divergence: float
     # divergence * first is inf (a first residual of inf); a norm is >= 0.
     running &= abs_res <= (rows.first * divergence).clamp_(max=torch.finfo(abs_res.dtype).max)
     return Observation(g, abs_res, res, running)
+
+
+def advance(
+    f: Callable[..., Tensor],
+    method: Any,
+    z: Tensor,
+    shape: Sequence[int],
+    args: Sequence[Any],
+    rows: Rows,
+    state: Any,
+    stop_mode: str,
+    divergence: float,
+) -> tuple[Observation, Tensor]:
+    """One iteration on the active rows z (R, W): evaluate f, account for it (rows updated in
+    place), and propose the next iterate (the method's state updated in place). The one body of
+    every solver's iteration: `BatchSolve`, `SlotPool` and the compiled `CompiledIteration`."""
+    fz = f(z.view(-1, *shape), *args).reshape(z.shape[0], -1)
+    seen = observe(rows, z, fz, stop_mode, divergence)
+    return seen, method.step(state, z, seen.g)
 
 
 def verdicts(rows: Rows, seen: Observation, divergence: float, stop: Tensor | None) -> Tensor:

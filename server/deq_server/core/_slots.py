@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ._methods import make_method
-from ._rows import STOP_MODES, Observation, Rows, observe, verdicts
+from ._rows import STOP_MODES, Observation, Rows, advance, verdicts
 from ._status import RUNNING
 
 log = logging.getLogger("deq_server.core.slots")
@@ -211,9 +211,10 @@ class SlotPool:
     ) -> tuple[Observation, Tensor]:
         """One evaluation of f on rows z, its bookkeeping, and the method's next iterate (rows
         and state updated in place; the retirement reads rows, which the method leaves alone)."""
-        fz = self._f(z.view(z.shape[0], *self._shape), inj).reshape(z.shape[0], -1)
-        seen = observe(rows, z, fz, self.stop_mode, self.divergence)
-        return seen, self._method.step(state, z, seen.g)
+        return advance(
+            self._f, self._method, z, self._shape, (inj,), rows, state,
+            self.stop_mode, self.divergence,
+        )  # fmt: skip
 
     def _bucket(self, hi: int) -> int:
         n = 1

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._compiled import CompiledIteration
 from ._methods import make_method
-from ._rows import STOP_MODES, Observation, Rows, observe, verdicts
+from ._rows import STOP_MODES, Observation, Rows, advance, verdicts
 from ._status import RUNNING, Status
 
 StopMode = str  # "abs" | "rel"
@@ -103,29 +103,11 @@ def _select_args(args: tuple[Any, ...], keep: Tensor) -> tuple[Any, ...]:
     return tuple(a.index_select(0, keep) if isinstance(a, Tensor) else a for a in args)
 
 
-def _advance(
-    f: Callable[..., Tensor],
-    step_fn: Any,
-    z: Tensor,
-    shape: torch.Size,
-    args: tuple[Any, ...],
-    rows: Rows,
-    state: Any,
-    stop_mode: str,
-    divergence: float,
-) -> tuple[Observation, Tensor]:
-    """One iteration on the active rows z (R, W): evaluate f, account for it (rows updated in
-    place), and propose the next iterate (the method's state updated in place)."""
-    fz = f(z.view(-1, *shape), *args).reshape(z.shape[0], -1)
-    seen = observe(rows, z, fz, stop_mode, divergence)
-    return seen, step_fn.step(state, z, seen.g)
-
-
 @functools.cache
 def _compiled_advance() -> Callable[..., tuple[Observation, Tensor]]:
-    """`_advance` compiled once per process (torch.compile keeps one program per cell and
+    """`advance` compiled once per process (torch.compile keeps one program per cell and
     method it meets, and a batch size of 1 apart from the dynamic one)."""
-    return torch.compile(_advance, dynamic=True)
+    return torch.compile(advance, dynamic=True)
 
 
 def solve(
@@ -215,7 +197,7 @@ class BatchSolve:
                 raise ValueError("max_iter must be >= 1 for every sample")
         self._f, self._stop_mode, self._divergence = f, stop_mode, divergence
         self._should_stop = should_stop
-        self._advance = _compiled_advance() if compile else _advance
+        self._advance = _compiled_advance() if compile else advance
         self._iteration = None
         if iteration is not None and iteration.fits(
             f, self._method, z0.reshape(batch, -1), self._args, stop_mode
