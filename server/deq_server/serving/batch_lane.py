@@ -184,7 +184,7 @@ class BatchLane:
         result = batch.run.result()
         with torch.no_grad():
             y = self.model.head(result.z)
-            status = nonfinite_outputs(y, result.status).cpu()
+            status = nonfinite_outputs(y, result.status)
         solve_seconds, rows = time.monotonic() - batch.start, result.z.shape[0]
         # each tensor cut into the requests' rows by one split (views), not a slice per request
         sizes = [ticket.rows for ticket in batch.tickets]
